@@ -1,0 +1,5 @@
+import sys
+
+from disttrain.cli import main
+
+sys.exit(main())

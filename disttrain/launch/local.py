@@ -1,0 +1,21 @@
+"""launcher=local: train in this very process (world size 1, gloo on CPU or the one visible GPU)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from disttrain.config import TrainConfig
+
+
+def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
+    from disttrain.cli import write_run_files
+    from disttrain.worker import train
+
+    if cfg.launcher.dry_run:
+        print(shlex.join([sys.executable, "-m", "disttrain", *overrides]))
+        return 0
+    write_run_files(cfg, overrides)
+    summary = train(cfg)
+    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, run dir {cfg.run_dir}")
+    return 0

@@ -1,0 +1,479 @@
+"""The Trainer: one readable training step, a life of small named methods, and exact resume.
+
+    trainer = Trainer(model, optimizer, dataset, cfg)   # cfg: disttrain.config.TrainConfig
+    summary = trainer.fit()
+
+Launch the same script with `python train.py` (one process), `torchrun --nproc-per-node=2 train.py`
+(DDP over gloo on CPU, nccl on GPUs) or `srun python train.py`; the Trainer reads its place in the job
+from the environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from disttrain.config import OptimConfig, TrainConfig, resolve_strategy, to_dict
+from disttrain.data import make_loader, split
+from disttrain.dist import DistEnv, setup_distributed, teardown
+from disttrain.metrics import MetricsLog, params_sha256, write_summary
+from disttrain.snapshot import Snapshot, SnapshotError, SnapshotStore
+from disttrain.strategy import make_strategy
+
+log = logging.getLogger("disttrain")
+# The schedule advances with every optimizer step, applied or skipped (non-finite gradients): torch
+# warns once when the first step is skipped, which fp16 does by design.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
+
+#: Config keys a resumed run must share with the run that wrote the snapshot: change any of them and
+#: the snapshot no longer describes this run (shapes, data order, or the meaning of a step differ).
+RESUME_KEYS = (
+    "model",
+    "data",
+    "trainer.batch_size",
+    "trainer.accumulate",
+    "trainer.seed",
+    "trainer.val_fraction",
+    "trainer.precision",
+    "trainer.loss",
+    "optim.name",
+)
+
+
+def cross_entropy(out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(out.flatten(0, -2).float(), target.flatten(), reduction=reduction)
+
+
+def mse(out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.mse_loss(out.float(), target, reduction=reduction)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
+
+
+def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def make_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def get_config_value(config: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config.get(part) if isinstance(config, dict) else None
+    return config
+
+
+def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> str | None:
+    """One line naming what differs between a snapshot's manifest and this run, or None."""
+    if saved.get("world_size") != world_size:
+        return (
+            f"the snapshot was written by {saved.get('world_size')} processes and this job has {world_size}: "
+            f"resume with {saved.get('world_size')} processes, or start a new run_dir"
+        )
+    now = to_dict(cfg)
+    for key in RESUME_KEYS:
+        before, after = get_config_value(saved.get("config", {}), key), get_config_value(now, key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            for sub in sorted(set(before) | set(after)):
+                if before.get(sub) != after.get(sub):
+                    key, before, after = f"{key}.{sub}", before.get(sub), after.get(sub)
+                    break
+        if before != after:
+            return f"{key} was {before!r} when the snapshot was written and is {after!r} now"
+    return None
+
+
+@dataclass
+class Counters:
+    """Where the run is. Everything here goes into a snapshot."""
+
+    epoch: int = 0
+    step: int = 0
+    #: Micro-batches of the current epoch already consumed (a multiple of `accumulate` mid-epoch).
+    batches_in_epoch: int = 0
+    last_loss: float = math.nan
+    last_val_loss: float = math.nan
+    best_val_loss: float = math.inf
+    #: Validations in a row without improvement (early stopping).
+    bad_validations: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, as tensors and plain data (loadable with weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "gauss": gauss,
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    cfg: TrainConfig
+    env: DistEnv
+    run_dir: Path
+    model: nn.Module  # as wrapped by the strategy; `self.module` is the user's model
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: LossFn
+    counters: Counters
+    snapshots: SnapshotStore
+    metrics: MetricsLog
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        dataset: Dataset,
+        cfg: TrainConfig | None = None,
+        *,
+        val_dataset: Dataset | None = None,
+        loss_fn: LossFn | None = None,
+        scheduler: Any = None,
+        env: DistEnv | None = None,
+    ) -> None:
+        self.cfg = cfg = cfg or TrainConfig()
+        t = cfg.trainer
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+        self._owns_process_group = env is None and not dist.is_initialized()
+        self.env = env or setup_distributed(t.device, t.timeout_s)
+        self.run_dir = Path(cfg.run_dir)
+        self.strategy = make_strategy(resolve_strategy(cfg, self.env.world_size), self.env, cfg.strategy)
+        self.module = model.to(self.env.device)
+        self.model = self.strategy.wrap(self.module)
+        self.optimizer = optimizer
+        self.loss_fn = (
+            loss_fn or LOSSES[t.loss if t.loss != "auto" else getattr(dataset, "loss", "cross_entropy")]
+        )
+        if val_dataset is None and t.val_fraction:
+            dataset, val_dataset = split(dataset, t.val_fraction)
+        pin = self.env.device.type == "cuda"
+        self.sampler = self.strategy.sampler(dataset, shuffle=True, seed=t.seed)
+        self.loader = make_loader(dataset, self.sampler, t.batch_size, t.num_workers, pin)
+        self.val_loader = None
+        if val_dataset is not None:
+            val_sampler = self.strategy.sampler(val_dataset, shuffle=False, seed=t.seed)
+            self.val_loader = make_loader(val_dataset, val_sampler, t.batch_size, t.num_workers, pin)
+        self.steps_per_epoch = math.ceil(len(self.loader) / t.accumulate)
+        total_steps = t.max_epochs * self.steps_per_epoch
+        total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
+        self.scheduler = scheduler or make_scheduler(cfg.optim, optimizer, total_steps)
+        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=t.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.counters = Counters()
+        self.snapshots = SnapshotStore(self.run_dir, self.env, cfg.snapshot.keep_last)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
+        self._pending: dict[str, Any] = {}  # loader and RNG state from a snapshot, applied at epoch start
+        self._stop_signal = 0
+        self._stop_reason = ""
+        seed_everything(t.seed + self.env.rank)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until max_epochs, max_steps, early stopping or a stop signal; return the summary."""
+        clean = False
+        try:
+            self._load_snapshot()
+            self.metrics.open(resume_step=self.counters.step)
+            start = time.perf_counter()
+            while not self._should_stop():
+                self._run_epoch()
+            summary = self._summary(time.perf_counter() - start)
+            clean = True
+            return summary
+        finally:
+            self.metrics.close()
+            if self._owns_process_group:
+                teardown(clean)
+
+    def request_stop(self, signum: int = signal.SIGTERM, *_: Any) -> None:
+        """Signal-handler safe: only sets a flag; the run stops and snapshots at the next step boundary."""
+        self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        t, c = self.cfg.trainer, self.counters
+        if self._stop_reason:
+            return True
+        if self._stop_requested_anywhere():
+            self._stop_reason = (
+                f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
+            )
+        elif t.max_steps and c.step >= t.max_steps:
+            self._stop_reason = "max_steps"
+        elif c.epoch >= t.max_epochs:
+            self._stop_reason = "max_epochs"
+        elif t.early_stop_patience and c.bad_validations >= t.early_stop_patience:
+            self._stop_reason = "early_stop"
+        return bool(self._stop_reason)
+
+    def _stop_requested_anywhere(self) -> bool:
+        # A signal may reach one rank only (SLURM signals the batch step, torchrun the whole group); every
+        # rank must stop at the same step, so the flag is shared. One tiny all-reduce per step.
+        if self.env.world_size == 1:
+            return bool(self._stop_signal)
+        flag = torch.tensor([self._stop_signal], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_signal = int(flag.item())
+        return bool(self._stop_signal)
+
+    def _run_epoch(self) -> None:
+        c, k = self.counters, self.cfg.trainer.accumulate
+        # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
+        self.sampler.set_epoch(c.epoch)
+        if "loader" in self._pending:
+            self.loader.load_state_dict(self._pending.pop("loader"))
+        batches = iter(self.loader)
+        if "rng" in self._pending:  # after iter(), which draws a worker seed from the global RNG
+            set_rng_state(self._pending.pop("rng"))
+        n = len(self.loader)
+        epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+        while c.batches_in_epoch < n:
+            tick = time.perf_counter()
+            window = [next(batches) for _ in range(min(k, n - c.batches_in_epoch))]
+            data_time = time.perf_counter() - tick
+            loss, grad_norm, skipped = self._run_batch(window)
+            c.step += 1
+            c.batches_in_epoch += len(window)
+            c.last_loss = loss
+            epoch_loss, epoch_steps = epoch_loss + loss, epoch_steps + 1
+            step_time = time.perf_counter() - tick
+            samples = sum(len(y) for _, y in window) * self.env.world_size
+            self.metrics.write(
+                {
+                    "step": c.step,
+                    "epoch": c.epoch,
+                    "loss": loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "skipped": skipped,
+                    "samples_per_s": samples / step_time,
+                    "step_time_s": step_time,
+                    "data_time_s": data_time,
+                }
+            )
+            epoch_done = c.batches_in_epoch == n
+            if epoch_done:
+                # Let the loader see the end of the epoch, else its next iterator continues this one.
+                next(batches, None)
+                c.epoch, c.batches_in_epoch = c.epoch + 1, 0
+            val_every = self.cfg.trainer.val_every_steps
+            if epoch_done or (val_every and c.step % val_every == 0):
+                self._validate()
+            every = self.cfg.snapshot.every_steps
+            stopping = self._should_stop()
+            if epoch_done or stopping or (every and c.step % every == 0):
+                self._save_snapshot()
+            if epoch_done:
+                self._print_epoch(epoch_loss / epoch_steps, time.perf_counter() - epoch_start, epoch_steps)
+            if stopping or epoch_done:
+                return
+
+    def _run_batch(self, window: list[Batch]) -> tuple[float, float, bool]:
+        """One optimizer step over an accumulation window of micro-batches; returns (loss, grad norm,
+        skipped). Each micro-batch's mean loss is weighted by its share of the window's samples, so the
+        gradient equals that of one batch of the whole window, also when the window or its last
+        micro-batch is cut short by the end of an epoch."""
+        total = sum(len(y) for _, y in window)
+        loss_sum = torch.zeros((), device=self.env.device)
+        for i, (x, y) in enumerate(window):
+            x = x.to(self.env.device, non_blocking=True)
+            y = y.to(self.env.device, non_blocking=True)
+            final = i == len(window) - 1
+            # Forward too must run inside no_sync: DDP decides in forward whether backward all-reduces.
+            with contextlib.nullcontext() if final else self.strategy.no_sync(self.model):
+                with torch.autocast(
+                    self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+                ):
+                    loss = self.loss_fn(self.model(x), y)
+                self.scaler.scale(loss * (len(y) / total)).backward()
+            loss_sum += loss.detach() * len(y)
+        self.scaler.unscale_(self.optimizer)  # clip in real units, not scaled ones
+        grad_norm = self._clip_gradients()
+        loss_value, norm_value = torch.stack([loss_sum / total, grad_norm.float()]).tolist()
+        # Gradients are identical on every rank after the all-reduce, so every rank skips alike.
+        skipped = not math.isfinite(norm_value)
+        if not skipped:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss_value, norm_value, skipped
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm before clipping (what clip_grad_norm_ returns)."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.cfg.trainer.grad_clip_norm:
+            return nn.utils.clip_grad_norm_(params, self.cfg.trainer.grad_clip_norm)
+        return nn.utils.get_total_norm([p.grad for p in params])
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        """Mean loss over the held-out split on all ranks. DistributedSampler pads the last shard with
+        repeated samples; those positions (global index >= the split's length) are not counted."""
+        if self.val_loader is None:
+            return
+        c, world = self.counters, self.env.world_size
+        n_real = len(self.val_loader.dataset)  # type: ignore[arg-type]
+        batch = self.cfg.trainer.batch_size
+        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        self.model.eval()
+        for j, (x, y) in enumerate(self.val_loader):
+            x = x.to(self.env.device, non_blocking=True)
+            y = y.to(self.env.device, non_blocking=True)
+            with torch.autocast(
+                self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+            ):
+                per_sample = self.loss_fn(self.model(x), y, reduction="none").reshape(len(y), -1).mean(1)
+            position = self.env.rank + world * (j * batch + torch.arange(len(y), device=self.env.device))
+            real = position < n_real
+            totals += torch.stack([per_sample.double()[real].sum(), real.sum().double()])
+        self.model.train()
+        if world > 1:
+            dist.all_reduce(totals)
+        c.last_val_loss = (totals[0] / totals[1]).item()
+        if c.last_val_loss < c.best_val_loss:
+            c.best_val_loss, c.bad_validations = c.last_val_loss, 0
+        else:
+            c.bad_validations += 1
+        self.metrics.write({"step": c.step, "epoch": c.epoch, "val_loss": c.last_val_loss})
+
+    # -- snapshots ----------------------------------------------------------------------------------------
+    def _save_snapshot(self) -> None:
+        c = self.counters
+        shared = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "counters": c.state_dict(),
+        }
+        own = {
+            "rng": rng_state(),
+            "loader": self.loader.state_dict() if c.batches_in_epoch else None,
+        }
+        meta = {"epoch": c.epoch, "config": to_dict(self.cfg)}
+        self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta)
+
+    def _load_snapshot(self) -> Snapshot | None:
+        snap = self.snapshots.find_latest()
+        if snap is None:
+            return None
+        mismatch = resume_mismatch(snap.manifest, self.cfg, self.env.world_size)
+        if mismatch:
+            raise SnapshotError(f"cannot resume from {snap.path}: {mismatch}")
+        shared, own = snap.load_shared(), snap.load_rank(self.env.rank)
+        try:
+            self.module.load_state_dict(shared["model"])
+        except RuntimeError as e:
+            detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise SnapshotError(f"cannot resume from {snap.path}: the model differs: {detail}") from None
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+        self.counters.load_state_dict(shared["counters"])
+        self._pending = {"rng": own["rng"]}
+        if own["loader"] is not None:
+            self._pending["loader"] = own["loader"]
+        if self.env.is_main:
+            log.info(
+                "resumed from %s (epoch %d, step %d)", snap.path, self.counters.epoch, self.counters.step
+            )
+        return snap
+
+    # -- reporting ------------------------------------------------------------------------------------
+    def _print_epoch(self, train_loss: float, seconds: float, steps: int) -> None:
+        if not self.env.is_main:
+            return
+        c = self.counters
+        val = f"  val loss {c.last_val_loss:.4f}" if self.val_loader is not None else ""
+        samples = steps * self.cfg.trainer.batch_size * self.cfg.trainer.accumulate * self.env.world_size
+        print(
+            f"epoch {c.epoch}/{self.cfg.trainer.max_epochs}  step {c.step}  train loss {train_loss:.4f}{val}"
+            f"  {samples / seconds:,.0f} samples/s",
+            flush=True,
+        )
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        c = self.counters
+        summary = {
+            "steps": c.step,
+            "epochs": c.epoch,
+            "final_loss": c.last_loss,
+            "final_val_loss": c.last_val_loss,
+            "params_sha256": params_sha256(self.module),
+            "world_size": self.env.world_size,
+            "strategy": self.strategy.name,
+            "precision": self.cfg.trainer.precision,
+            "stopped": self._stop_reason,
+            "seconds": seconds,
+        }
+        if self.env.is_main:
+            write_summary(self.run_dir, summary)
+        return summary

@@ -1,0 +1,127 @@
+"""Helpers the tests share: run the real CLI, real torchrun, and read what a run leaves behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A small job: 3,996 samples of the generated corpus, ~225 steps an epoch at batch 16. One intra-op
+#: thread everywhere, so runs launched differently compute bit for bit the same floats.
+SMALL = [
+    "data.num_tokens=4000",
+    "data.vocab_size=50",
+    "trainer.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.num_threads=1",
+]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("WORLD_SIZE", None)
+    e.pop("RANK", None)
+    e.update(extra)
+    return e
+
+
+def disttrain(
+    *args: str, cwd: Path | None = None, timeout: float = 300, **extra: str
+) -> subprocess.CompletedProcess:
+    """`python -m disttrain ARGS`, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "disttrain", *args],
+        cwd=cwd or ROOT,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start(*args: str, cwd: Path | None = None, **extra: str) -> subprocess.Popen:
+    """Start `python -m disttrain ARGS` in its own process group (so a kill reaches torchrun's workers)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "disttrain", *args],
+        cwd=cwd or ROOT,
+        env=env(**extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def kill_at_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> int:
+    """SIGKILL the whole process group once metrics.jsonl shows `step`; return the step it had reached."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reached = last_step(run_dir)
+        if reached >= step:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return reached
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"run ended before step {step}:\n{proc.stdout.read() if proc.stdout else ''}"
+            )
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"run did not reach step {step} in {timeout} s")
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()[:-1] if '"loss"' in line]
+    return steps[-1] if steps else 0
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every optimizer step in metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def tree_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`: proof that nothing was touched."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def torchrun(
+    script: Path, *args: str, nproc: int = 2, timeout: float = 300, **extra: str
+) -> subprocess.CompletedProcess:
+    """A real `torchrun --standalone` job over gloo."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            str(script),
+            *args,
+        ],
+        cwd=ROOT,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
