@@ -123,9 +123,12 @@ def check_run_dir(cfg: TrainConfig, world_size: int) -> None:
     from disttrain.trainer import resume_mismatch
 
     run_dir = Path(cfg.run_dir)
+    # Probe the nearest existing ancestor: a dry run or a refused job must not leave directories behind.
+    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test"):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".disttrain-write-test"):
             pass
     except OSError as e:
         raise ConfigError(f"run_dir={cfg.run_dir!r}: not writable ({e.strerror})") from None
