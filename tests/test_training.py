@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -13,7 +15,7 @@ from disttrain import TrainConfig, Trainer
 from disttrain.config import OptimConfig, TrainerConfig
 from disttrain.data import RandomRegression
 from disttrain.metrics import read_metrics
-from tests.support import ROOT, SMALL, disttrain, summary, torchrun
+from tests.support import ROOT, SMALL, disttrain, env, summary, torchrun
 
 
 def test_default_job_learns_and_leaves_its_record(tmp_path) -> None:
@@ -120,3 +122,39 @@ def test_no_sync_means_one_allreduce_per_step_and_validation_skips_padding(tmp_p
     assert probe["steps"] == 4  # 2 epochs × windows of 3 and 2 micro-batches
     assert probe["allreduce_calls"] == [4, 4]  # one bucket, all-reduced on the last micro-batch only
     assert math.isclose(probe["val_loss"], probe["expected_val_loss"], rel_tol=1e-6)
+
+
+def test_early_stopping_on_validation_loss(tmp_path) -> None:
+    # A learning rate of 100 makes the model diverge: validation never improves after the first.
+    result = disttrain(
+        *SMALL,
+        "optim.lr=100",
+        "trainer.val_every_steps=5",
+        "trainer.early_stop_patience=2",
+        f"run_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    vals = [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r]
+    assert len(vals) == 3 and vals[1] > vals[0] and vals[2] > vals[0]
+    assert summary(tmp_path)["stopped"] == "early_stop" and summary(tmp_path)["steps"] == 15
+    assert "done: 15 steps (early_stop)" in result.stdout
+
+
+def test_torchrun_workers_share_rank0_run_dir_and_write_no_hydra_output(tmp_path) -> None:
+    # ${now:%f} (microseconds) differs in every process that resolves it: only rank 0's may be used.
+    runs = tmp_path / "runs"
+    job = [*SMALL, "trainer.max_epochs=1", "strategy=ddp", f"run_dir={runs}/${{now:%H%M%S%f}}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    result = subprocess.run(
+        [*launcher, "-m", "disttrain", *job],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    assert summary(run_dir)["world_size"] == 2
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == ["config.yaml", "overrides.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written in the working directory

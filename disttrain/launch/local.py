@@ -17,5 +17,8 @@ def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
         return 0
     write_run_files(cfg, overrides)
     summary = train(cfg)
-    print(f"done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}, run dir {cfg.run_dir}")
+    print(
+        f"done: {summary['steps']} steps ({summary['stopped']}), final loss {summary['final_loss']:.4f}, "
+        f"run dir {cfg.run_dir}"
+    )
     return 0
