@@ -1,16 +1,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-# Plain `pytest` (unlike `python -m pytest`) does not put the repo root on sys.path, and `tests.*`
-# imports need it; `pythonpath = ["."]` in [tool.pytest.ini_options] would make this unnecessary.
-if (_ROOT := str(Path(__file__).resolve().parents[1])) not in sys.path:
-    sys.path.insert(0, _ROOT)
 
 from tests.clusters.netns import TwoHosts, netns_available
 from tests.clusters.slurm import SlurmCluster, slurm_available
