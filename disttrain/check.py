@@ -68,6 +68,7 @@ def check_config(overrides: list[str], samples: int, world_size: int) -> TrainCo
     data = compose(overrides)
     # One clean step: no clipping (it would hide a difference), fp32 unless asked otherwise, no snapshots.
     data["trainer"]["grad_clip_norm"] = 0.0
+    data["health"]["on_explosion"] = "warn"  # skip/halve_lr need clipping, which a check turns off
     data["trainer"]["batch_size"] = samples
     data["trainer"]["val_fraction"] = 0.0
     cfg = load_config(data)

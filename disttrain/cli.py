@@ -187,10 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             # Started by torchrun or srun: this process is one rank; rank 0 records the run.
             if where.rank == 0:
                 write_run_files(cfg, args)
-            from disttrain.worker import train
+            from disttrain.worker import finish, train
 
-            train(cfg)
-            return 0
+            return finish(train(cfg))
         from disttrain.launch import launch
 
         return launch(cfg, args)

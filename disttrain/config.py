@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import os
 import typing
@@ -24,6 +25,7 @@ LAUNCHERS = ("local", "torchrun", "multinode", "slurm")
 LOSSES = ("auto", "cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
+ON_EXPLOSION = ("warn", "skip", "halve_lr")
 
 
 class ConfigError(ValueError):
@@ -119,8 +121,13 @@ class TrainerConfig:
     device: str = "auto"
     #: Seconds a collective may wait for the other ranks before the job fails (init_process_group timeout).
     timeout_s: float = 600.0
-    #: Print a progress line every N optimizer steps when stdout is not a terminal.
-    log_every_steps: int = 50
+    #: Print a progress line every N optimizer steps when stdout is not a terminal (on a terminal rank 0
+    #: draws a tqdm bar instead).
+    log_every_steps: int = 200
+    #: Peak dense TFLOP/s of one device at the run's precision, for MFU in metrics.jsonl (0: look the GPU
+    #: up in disttrain.metrics.PEAK_TFLOPS; no MFU on CPU or an unknown GPU unless set here). MFU needs a
+    #: model that declares `flops_per_sample` (a number, or a method with no arguments).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -152,8 +159,28 @@ class SnapshotConfig:
 
 
 @dataclass
+class HealthConfig:
+    """What the global gradient norm (after the all-reduce, before clipping; the same on every rank)
+    decides. Non-finite norms always skip the step and count in `skipped_steps` (fp16's GradScaler
+    steps included)."""
+
+    #: warn | skip | halve_lr: what an explosion does (a norm above explosion_factor ×
+    #: trainer.grad_clip_norm; detection needs clipping on). warn: log it, clip and step as usual.
+    #: skip: do not step. halve_lr: clip and step, and after `patience` explosions in a row halve the
+    #: learning rate (its schedule's base) for the rest of the run.
+    on_explosion: str = "warn"
+    #: An explosion is a norm above this many times trainer.grad_clip_norm (the seed's SafeOptimizer: 10).
+    explosion_factor: float = 10.0
+    #: halve_lr: explosions in a row that halve the learning rate (the count then starts again).
+    patience: int = 5
+    #: Write each module's gradient norm into metrics.jsonl (`grad_flow`) every N steps (0: never).
+    grad_flow_every: int = 0
+
+
+@dataclass
 class LoggerConfig:
-    #: none | wandb. Only rank 0 logs.
+    #: none | wandb. Only rank 0 logs. The wandb run id is kept in run_dir and in every snapshot, so a
+    #: resumed, restarted or requeued job continues the same run.
     name: str = "none"
     #: wandb: project name.
     project: str = "disttrain"
@@ -172,6 +199,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     #: `_target_` (a class or function returning an nn.Module) and its keyword arguments.
     model: dict[str, Any] = field(default_factory=lambda: {"_target_": "disttrain.models.MLPLanguageModel"})
@@ -323,6 +351,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _at_least("trainer.timeout_s", t.timeout_s, 1)
     _at_least("trainer.log_every_steps", t.log_every_steps, 1)
+    _at_least("trainer.peak_tflops", t.peak_tflops, 0)
     _one_of("optim.name", o.name, OPTIMIZERS)
     if o.lr <= 0:
         _fail("optim.lr", o.lr, "must be positive")
@@ -332,16 +361,34 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         _fail("optim.betas", o.betas, "must be two numbers in [0, 1)")
     _at_least("snapshot.every_steps", s.every_steps, 0)
     _at_least("snapshot.keep_last", s.keep_last, 1)
+    _validate_health(cfg.health, t)
     _one_of("logger", cfg.logger.name, ("none", "wandb"))
+    if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
+        _fail("logger", "wandb", "needs the wandb package: pip install 'disttrain[wandb]'")
     _one_of("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
     _validate_precision(t)
     _validate_world(cfg, world_size)
+    _validate_launcher(cfg)
     resolve_target("model", cfg.model)
     _, data_kwargs = resolve_target("data", cfg.data)
     for key, value in data_kwargs.items():
         # Dataset arguments that name files are checked here, where the error is cheap and early.
         if (key == "path" or key.endswith(("_path", "_file"))) and not Path(str(value)).is_file():
             _fail(f"data.{key}", value, "no such file")
+
+
+def _validate_health(h: HealthConfig, t: TrainerConfig) -> None:
+    _one_of("health.on_explosion", h.on_explosion, ON_EXPLOSION)
+    _at_least("health.explosion_factor", h.explosion_factor, 1)
+    _at_least("health.patience", h.patience, 1)
+    _at_least("health.grad_flow_every", h.grad_flow_every, 0)
+    if h.on_explosion != "warn" and not t.grad_clip_norm:
+        _fail(
+            "health.on_explosion",
+            h.on_explosion,
+            "needs trainer.grad_clip_norm > 0 (an explosion is a norm above "
+            "health.explosion_factor × trainer.grad_clip_norm)",
+        )
 
 
 def _validate_precision(t: TrainerConfig) -> None:
@@ -368,3 +415,54 @@ def _validate_world(cfg: TrainConfig, world_size: int) -> None:
         )
     if name in ("single", "dp") and world_size > 1:
         _fail("strategy", name, f"runs in one process but this job has {world_size}; use strategy=ddp")
+
+
+def _validate_launcher(cfg: TrainConfig) -> None:
+    """Launch rules, checked before anything starts: the job's shape, the rendezvous address, and for
+    SLURM that sbatch exists and the nodes have the GPUs asked for (a dry run talks to no cluster)."""
+    launcher = cfg.launcher
+    _at_least("launcher.nproc_per_node", launcher.nproc_per_node, 1)
+    _at_least("launcher.max_restarts", launcher.max_restarts, 0)
+    if launcher.name == "multinode":
+        _at_least("launcher.nnodes", launcher.nnodes, 1)
+        if not 0 <= launcher.node_rank < launcher.nnodes:
+            _fail("launcher.node_rank", launcher.node_rank, f"must be in 0..{launcher.nnodes - 1}")
+        host, _, port = launcher.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            _fail("launcher.rdzv_endpoint", launcher.rdzv_endpoint, "must be HOST:PORT, e.g. node0:29400")
+    if launcher.name in ("torchrun", "multinode") and cfg.trainer.device != "cpu":
+        _validate_local_gpus("launcher.nproc_per_node", launcher.nproc_per_node, cfg.trainer.device)
+    if launcher.name == "slurm":
+        _validate_slurm(launcher)
+
+
+def _validate_local_gpus(key: str, wanted: int, device: str) -> None:
+    import torch
+
+    have = torch.cuda.device_count()
+    if (have or device == "cuda") and wanted > have:
+        _fail(key, wanted, f"this node has {have} GPU{'s' if have != 1 else ''}")
+
+
+def _validate_slurm(launcher: LauncherConfig) -> None:
+    import signal
+
+    _at_least("launcher.nodes", launcher.nodes, 1)
+    _at_least("launcher.gpus_per_node", launcher.gpus_per_node, 0)
+    _at_least("launcher.cpus_per_task", launcher.cpus_per_task, 1)
+    _at_least("launcher.signal_seconds", launcher.signal_seconds, 0)
+    if f"SIG{launcher.signal}" not in signal.Signals.__members__:
+        _fail("launcher.signal", launcher.signal, "must be a signal name without SIG, e.g. USR2")
+    if launcher.dry_run:
+        return
+    from disttrain.launch.slurm import partition_gpus, sbatch_missing
+
+    missing = sbatch_missing()
+    if missing:
+        _fail("launcher", "slurm", missing)
+    if launcher.gpus_per_node:
+        have = partition_gpus(launcher.partition)
+        if have is not None and launcher.gpus_per_node > have:
+            where = f"partition {launcher.partition!r}" if launcher.partition else "the default partition"
+            rule = f"nodes of {where} have at most {have} (sinfo)"
+            _fail("launcher.gpus_per_node", launcher.gpus_per_node, rule)

@@ -21,32 +21,40 @@ Sample = tuple[torch.Tensor, torch.Tensor]
 
 
 class _Windows(Dataset):
-    """Next-token samples over a token stream: `context` tokens in, the following token out."""
+    """Next-token samples over a token stream: `context` tokens in, the following token out.
+
+    With `sequence=True` the target is the input shifted by one, `tokens[i+1 : i+context+1]`: a
+    prediction at every position, as a GPT trains (`context` is then its block size). Both modes read
+    the same windows of `context + 1` tokens, so the dataset's length does not change with the mode.
+    """
 
     loss = "cross_entropy"
 
-    def __init__(self, tokens: torch.Tensor, context: int) -> None:
+    def __init__(self, tokens: torch.Tensor, context: int, sequence: bool = False) -> None:
         self.tokens = tokens
         self.context = context
+        self.sequence = sequence
 
     def __len__(self) -> int:
         return len(self.tokens) - self.context
 
     def __getitem__(self, i: int) -> Sample:
-        return self.tokens[i : i + self.context], self.tokens[i + self.context]
+        row = self.tokens[i : i + self.context + 1]
+        return row[:-1], row[1:] if self.sequence else row[-1]
 
     def __getitems__(self, indices: list[int]) -> list[Sample]:
         # One gather for the whole batch instead of a slice per sample.
         idx = torch.as_tensor(indices).unsqueeze(1) + torch.arange(self.context + 1)
         rows = self.tokens[idx]
-        return list(zip(rows[:, :-1], rows[:, -1], strict=True))
+        return list(zip(rows[:, :-1], rows[:, 1:] if self.sequence else rows[:, -1], strict=True))
 
 
 class TokenCorpus(_Windows):
     """A generated language with structure a model can learn: a Markov chain in which each token is
     followed by one of `branching` successors (fixed per token, drawn from the seed) with skewed
     probabilities. The best achievable loss is the entropy of those probabilities (≈0.8 nats for 3),
-    far below the ln(vocab_size) of guessing, so a falling loss shows learning."""
+    far below the ln(vocab_size) of guessing, so a falling loss shows learning. `sequence=True` gives
+    GPT samples (see `_Windows`)."""
 
     def __init__(
         self,
@@ -55,6 +63,7 @@ class TokenCorpus(_Windows):
         context: int = 4,
         branching: int = 3,
         seed: int = 0,
+        sequence: bool = False,
     ) -> None:
         rng = np.random.default_rng(seed)
         successors = rng.integers(0, vocab_size, size=(vocab_size, branching))
@@ -64,19 +73,20 @@ class TokenCorpus(_Windows):
         tokens[0] = rng.integers(vocab_size)
         for i in range(1, num_tokens):
             tokens[i] = successors[tokens[i - 1], choices[i]]
-        super().__init__(torch.from_numpy(tokens), context)
+        super().__init__(torch.from_numpy(tokens), context, sequence)
         self.vocab_size = vocab_size
 
 
 class TextFile(_Windows):
-    """The bytes of a text file as tokens (vocabulary 256): point `data.path` at your own corpus."""
+    """The bytes of a text file as tokens (vocabulary 256): point `data.path` at your own corpus.
+    `sequence=True` gives character-level GPT samples (see `_Windows`)."""
 
-    def __init__(self, path: str, context: int = 4, vocab_size: int = 256) -> None:
+    def __init__(self, path: str, context: int = 4, vocab_size: int = 256, sequence: bool = False) -> None:
         # vocab_size is an argument only so model configs can interpolate ${data.vocab_size}.
         if vocab_size != 256:
             raise ValueError(f"TextFile reads bytes: vocab_size must be 256, not {vocab_size}")
         data = Path(path).read_bytes()
-        super().__init__(torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), context)
+        super().__init__(torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), context, sequence)
         self.vocab_size = 256
 
 

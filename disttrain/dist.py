@@ -8,6 +8,7 @@ rendezvous address is the first node of the step, the port is derived from the j
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import subprocess
 from collections.abc import Iterator, Mapping
@@ -141,6 +142,9 @@ def teardown(clean_exit: bool = True) -> None:
         if clean_exit and dist.get_world_size() > 1:
             dist.barrier()
     finally:
+        # Free what still holds the group (DDP reducers in reference cycles) while the interpreter is
+        # whole: a gloo group destroyed during interpreter shutdown aborts the process.
+        gc.collect()
         dist.destroy_process_group()
 
 

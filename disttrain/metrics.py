@@ -1,5 +1,15 @@
 """What a run leaves for its user: metrics.jsonl (one line per optimizer step), summary.json, and a
-hash of the final weights. Only rank 0 writes."""
+hash of the final weights. Only rank 0 writes.
+
+A step's line holds: step, epoch, loss, lr (for the next step), grad_norm (global, before clipping),
+skipped (no optimizer step: non-finite gradients, or an explosion under health.on_explosion=skip),
+explosion, step_time_s (wall time of the step, data wait included), data_time_s (waiting for the
+loader), samples_per_s (all ranks), and where they apply: tokens_per_s (token datasets, those with a
+`vocab_size`: the targets' element count per second, so a GPT's every position counts), peak_mem_gib
+(CUDA: the most memory the allocator held during the step), mfu (model FLOPs utilisation, see
+`peak_samples_per_s`), grad_flow (every health.grad_flow_every steps: each module's gradient norm).
+Validation adds lines {step, epoch, val_loss}.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +23,50 @@ import torch
 from torch import nn
 
 from disttrain.snapshot import atomic_write
+
+#: Dense (no sparsity) peak TFLOP/s of one GPU, from the vendors' data sheets: (bf16/fp16 tensor cores,
+#: fp32 without TF32). Matched against torch.cuda.get_device_name() in this order, so "H100 PCIe" is
+#: found before "H100" and "A100" before "A10". Set trainer.peak_tflops for anything else.
+PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989.0, 67.0),
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+    ("L40S", 362.0, 91.6),
+    ("L40", 181.0, 90.5),
+    ("L4", 121.0, 30.3),
+    ("V100", 125.0, 15.7),
+    ("RTX 4090", 165.0, 82.6),
+    ("RTX 3090", 71.0, 35.6),
+)
+
+
+def flops_per_sample(model: nn.Module) -> float | None:
+    """The training FLOPs (forward + backward) of one sample the model declares, or None. Convention: an
+    attribute `flops_per_sample` holding a number, or a method of that name taking no arguments (e.g.
+    6 × parameters × tokens per sample for a transformer, as nanoGPT's estimate_mfu)."""
+    value = getattr(model, "flops_per_sample", None)
+    if callable(value):
+        value = value()
+    return float(value) if value else None
+
+
+def peak_samples_per_s(
+    model: nn.Module, device: torch.device, precision: str, configured_tflops: float, world_size: int
+) -> float | None:
+    """The samples/s the whole job would reach at its devices' peak FLOP/s, or None when that cannot be
+    told (no declared FLOPs, or no peak: CPU or a GPU not in PEAK_TFLOPS, and trainer.peak_tflops unset).
+    MFU = samples_per_s ÷ this = flops_per_sample × samples_per_s ÷ (peak per device × world size)."""
+    flops = flops_per_sample(model)
+    tflops = configured_tflops
+    if not tflops and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        row = next((r for r in PEAK_TFLOPS if r[0] in name), None)
+        tflops = (row[2] if precision == "fp32" else row[1]) if row else 0.0
+    if flops is None or not tflops:
+        return None
+    return tflops * 1e12 * world_size / flops
 
 
 def params_sha256(model: nn.Module) -> str:

@@ -3,17 +3,21 @@
 Layout of one snapshot, `RUN_DIR/snapshots/step_00000120/`:
     shared.pt        model (unwrapped), optimizer, scheduler, scaler, progress: written by rank 0
     rank00000.pt     that rank's RNG states and loader position (one file per rank)
-    manifest.json    sha256 of every file, step, world size and the config: written last
+    manifest.json    sha256 of every file, step, world size, the config, and its own sha256: written last
 
 Rules:
-- Each file is written to a temporary name in the same directory, fsynced, renamed, and the directory
-  fsynced; the manifest is the commit point, written only after every rank's files are on disk. A
-  directory without a manifest, or whose files do not match it, is not a snapshot.
-- Loading verifies every checksum; the newest snapshot that verifies wins, and each one skipped is
-  reported in one line. Every rank loads the one rank 0 chose.
+- A snapshot is written into a staging directory, `snapshots/.step_00000120.partial/`: every file is
+  fsynced, the manifest is written last, the staging directory is fsynced and then renamed to its final
+  name, and `snapshots/` is fsynced. So a directory named `step_*` is always complete: a kill or a full
+  disk leaves at most a `.partial` directory, which the next start discards (it never was a snapshot).
+- Loading verifies every checksum, the manifest's own included; the newest snapshot that verifies wins,
+  and each one skipped is reported in one line. Every rank loads the one rank 0 chose.
 - Loading never unpickles code (`torch.load(weights_only=True)`).
-- Retention deletes only snapshots older than the `keep_last`-th newest good one: the newest good
-  snapshot is never deleted, whatever happens to newer writes.
+- Retention keeps the `keep_last` newest snapshots that verify and deletes only older ones and ones that
+  failed verification: the newest good snapshot is never deleted, whatever happens to newer writes.
+- Cost: training waits only while the state is serialised (as long as a bare torch.save). Rank 0 then
+  hashes, fsyncs and commits on a background thread; the next save, `wait()` (the trainer's last call)
+  and `find_latest()` wait for it, and a commit that failed is raised there, in one line, on every rank.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import os
 import pickle
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,7 +44,12 @@ log = logging.getLogger("disttrain")
 
 MANIFEST = "manifest.json"
 SHARED = "shared.pt"
-FORMAT = 1
+FORMAT = 2
+PARTIAL = ".partial"  # suffix of a staging directory: a snapshot being written, or abandoned by a kill
+REPLACED = ".replaced"  # suffix of a snapshot moved aside for a new one of the same step
+#: Test hook, never for real runs: SECONDS to sleep inside every snapshot write, after the data files
+#: and before the commit, so that the fault-injection test's kills land inside writes.
+TEST_SLOW_WRITE = "DISTTRAIN_TEST_SLOW_WRITE"
 
 
 class SnapshotError(RuntimeError):
@@ -62,85 +72,161 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _HashingWriter:
-    """Hashes the bytes torch.save writes as they pass, so a snapshot is never serialised twice."""
+class _Writer:
+    """The file object torch.save writes to: hashes the bytes as they pass (so nothing is serialised
+    twice), and keeps the OSError a write met, which torch.save reports as a RuntimeError without it."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, hashed: bool) -> None:
         self.f = f
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256() if hashed else None
+        self.error: OSError | None = None
 
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        return self.f.write(data)
+    def write(self, data: Any) -> int:
+        if self.sha is not None:
+            self.sha.update(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
 
 
-def atomic_write(path: Path, write: Any) -> str:
-    """Write a file through `write(fileobj)` so that `path` either holds all of it or is untouched.
-    Returns the sha256 of the bytes written."""
+def write_file(path: Path, write: Callable[[Any], Any], durable: bool = True) -> str:
+    """Write `path` through `write(fileobj)`, hash and fsync it; return the sha256 of its bytes.
+    `durable=False` does neither (returns ""), for a caller that hashes and fsyncs the file later.
+
+    Raises OSError (ENOSPC, EIO...) with its errno even when the failure happened inside torch.save."""
+    with open(path, "wb") as f:
+        writer = _Writer(f, hashed=durable)
+        try:
+            write(writer)
+            f.flush()
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+        if durable:
+            os.fsync(f.fileno())
+    return writer.sha.hexdigest() if writer.sha is not None else ""
+
+
+def atomic_write(path: Path, write: Callable[[Any], Any]) -> str:
+    """Write a file through `write(fileobj)` so that `path` either holds all of it or is untouched:
+    a temporary name in the same directory, fsync, rename, fsync the directory. Returns its sha256."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            hashing = _HashingWriter(f)
-            write(hashing)
-            f.flush()
-            os.fsync(f.fileno())
+        sha = write_file(tmp, write)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return hashing.sha.hexdigest()
+    return sha
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, fsync: bool = False) -> str:
+    """The sha256 of a file's bytes; with `fsync`, also make them durable (fsync works on a read-only
+    descriptor: it flushes the file, not the descriptor)."""
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             sha.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
     return sha.hexdigest()
 
 
 def safe_load(path: Path, expected_sha: str | None = None) -> Any:
     """Read a snapshot file, check its sha256, and unpickle tensors and plain data only."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SnapshotError(f"{path}: unreadable ({e.strerror})") from None
     if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
-        raise SnapshotError(f"{path}: checksum mismatch (file is corrupted or truncated)")
+        raise SnapshotError(f"{path}: checksum mismatch (the file is corrupted or truncated)")
+    if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        raise SnapshotError(f"{path}: unreadable (not a file torch.save wrote)")
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SnapshotError(
             f"{path}: refused to load: it holds objects other than tensors and plain data, "
-            f"and disttrain never unpickles code (weights_only=True): {first}"
+            f"and disttrain never unpickles code (weights_only=True): {_torch_detail(e)}"
         ) from None
-    except Exception as e:  # a truncated zip, a foreign file
-        raise SnapshotError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a damaged archive
+        raise SnapshotError(f"{path}: unreadable ({type(e).__name__}: {_torch_detail(e)})") from None
 
 
-@dataclass(frozen=True)
+def _torch_detail(e: Exception) -> str:
+    """The line of torch's many-line load error that says what is wrong (not its generic advice, which
+    includes re-running with weights_only=False)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    generic = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    return next((line for line in lines if not line.startswith(generic)), lines[0] if lines else "")
+
+
+def _manifest_sha(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of snapshot directory `path`, checked against its own sha256; SnapshotError if not."""
+    file = path / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except OSError as e:
+        raise SnapshotError(f"{file}: unreadable ({e.strerror})") from None
+    except ValueError:
+        raise SnapshotError(f"{file}: not valid JSON (the file is corrupted or truncated)") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SnapshotError(f"{file}: not a disttrain manifest of format {FORMAT}")
+    if manifest.get("manifest_sha256") != _manifest_sha(manifest):
+        raise SnapshotError(f"{file}: checksum mismatch (the file is corrupted)")
+    if manifest.get("step") != _step_of(path):
+        raise SnapshotError(f"{file}: names step {manifest.get('step')}, not the directory's step")
+    return manifest
+
+
+def _step_of(path: Path) -> int | None:
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
 class Snapshot:
-    path: Path
-    manifest: dict[str, Any]
+    """One committed snapshot directory; its manifest is read (and checked) on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.step: int = _step_of(path)  # type: ignore[assignment] # list_snapshots keeps numbered ones
+        self._manifest: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        return f"Snapshot({str(self.path)!r})"
 
     @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
+    def manifest(self) -> dict[str, Any]:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.path)
+        return self._manifest
 
     @property
     def world_size(self) -> int:
         return int(self.manifest["world_size"])
 
     def verify(self) -> None:
-        """Raise SnapshotError unless every file the manifest names is present and matches its sha256."""
+        """Raise SnapshotError unless the manifest and every file it names match their sha256."""
         for name, sha in self.manifest["files"].items():
             f = self.path / name
             if not f.is_file():
                 raise SnapshotError(f"{f}: missing")
             if sha256_file(f) != sha:
-                raise SnapshotError(f"{f}: checksum mismatch (file is corrupted or truncated)")
+                raise SnapshotError(f"{f}: checksum mismatch (the file is corrupted or truncated)")
 
     def load_shared(self) -> dict[str, Any]:
         return safe_load(self.path / SHARED, self.manifest["files"][SHARED])
@@ -150,29 +236,34 @@ class Snapshot:
         return safe_load(self.path / name, self.manifest["files"][name])
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
-
-
 def list_snapshots(directory: Path) -> list[Snapshot]:
-    """Committed snapshots (those with a readable manifest), newest first; checksums not yet verified."""
+    """Every `step_N` directory, newest first; neither manifests nor checksums verified yet."""
     found = []
     if directory.is_dir():
         for path in directory.glob("step_*"):
-            manifest = read_manifest(path)
-            if manifest is not None and path.is_dir():
-                found.append(Snapshot(path, manifest))
+            if path.is_dir() and _step_of(path) is not None:
+                found.append(Snapshot(path))
     return sorted(found, key=lambda s: s.step, reverse=True)
 
 
 def latest_manifest(run_dir: Path) -> dict[str, Any] | None:
-    """The newest committed snapshot's manifest, read without torch (for checks before a job starts)."""
-    snapshots = list_snapshots(Path(run_dir) / "snapshots")
-    return snapshots[0].manifest if snapshots else None
+    """The newest readable manifest, read without torch (for the config check before a job starts)."""
+    for snap in list_snapshots(Path(run_dir) / "snapshots"):
+        try:
+            return snap.manifest
+        except SnapshotError:
+            continue
+    return None
+
+
+#: Rank 0's commit thread per snapshots directory, so that a new store never discards a staging
+#: directory that an earlier store of the same process is still committing.
+_COMMITTING: dict[Path, Future] = {}
+
+
+def _slow_write_for_tests() -> None:
+    if seconds := os.environ.get(TEST_SLOW_WRITE):
+        time.sleep(float(seconds))
 
 
 class SnapshotStore:
@@ -182,8 +273,13 @@ class SnapshotStore:
         self.dir = Path(run_dir) / "snapshots"
         self.env = env
         self.keep_last = keep_last
-        # Steps known to verify: checked at start-up or written (and hashed while written) by this job.
+        # Steps known to verify: checked at start-up, or written and committed by this job.
         self._good: set[int] = set()
+        # Steps whose snapshot failed verification at start-up: retention may delete them.
+        self._bad: set[int] = set()
+        self._pool: ThreadPoolExecutor | None = None
+        self._committing: Future | None = None
+        self._commit_failure: tuple[str, str] | None = None
 
     # -- loading --------------------------------------------------------------------------------------
     def find_latest(self) -> Snapshot | None:
@@ -191,20 +287,34 @@ class SnapshotStore:
 
         Raises SnapshotError when snapshots exist but none verifies: starting afresh would quietly throw
         away a user's run, so the user decides (move the directory away to start over)."""
+        self.wait()
         choice: list[Any] = [None]
         if self.env.is_main:
+            # Another store of this process (an earlier Trainer.fit) may still be committing here.
+            if (other := _COMMITTING.get(self.dir.resolve())) is not None:
+                other.result()
+            self._discard_unfinished()
             choice[0] = self._choose()
-        if dist.is_initialized() and self.env.world_size > 1:
-            dist.broadcast_object_list(choice, src=0)
+        choice[0] = self._broadcast(choice[0])
         if isinstance(choice[0], str):
             raise SnapshotError(choice[0])
         if choice[0] is None:
             return None
-        snap = Snapshot(
-            self.dir / step_dir_name(choice[0]), read_manifest(self.dir / step_dir_name(choice[0]))
-        )
-        self._good.add(snap.step)
-        return snap
+        self._good.add(choice[0])
+        return Snapshot(self.dir / step_dir_name(choice[0]))
+
+    def _discard_unfinished(self) -> None:
+        """Remove what a killed writer left: staging directories never committed, and put back a snapshot
+        moved aside for a new one of the same step if the new one never arrived."""
+        for path in sorted(self.dir.glob(f".step_*{REPLACED}")):
+            final = self.dir / path.name[1 : -len(REPLACED)]
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, final)
+        for path in sorted(self.dir.glob(f".step_*{PARTIAL}")):
+            log.info("discarding %s: a snapshot write that never finished (the process stopped)", path.name)
+            shutil.rmtree(path, ignore_errors=True)
 
     def _choose(self) -> int | str | None:
         candidates = list_snapshots(self.dir)
@@ -214,10 +324,11 @@ class SnapshotStore:
                 snap.verify()
                 snap.load_shared()  # refuses pickled code and unreadable files before any rank relies on it
             except SnapshotError as e:
-                log.warning("skipping snapshot %s: %s", snap.path.name, e)
+                log.warning("snapshot %s is unusable and was skipped: %s", snap.path.name, e)
                 errors.append(str(e))
+                self._bad.add(snap.step)
                 continue
-            self._good.update(s.step for s in candidates if s.step <= snap.step and self._verifies(s))
+            self._good.update(s.step for s in candidates if s.step < snap.step and self._verifies(s))
             return snap.step
         if candidates:
             return f"no snapshot in {self.dir} verifies ({len(candidates)} tried; newest: {errors[0]})"
@@ -235,34 +346,38 @@ class SnapshotStore:
     def save(self, step: int, shared: dict[str, Any], own: dict[str, Any], meta: dict[str, Any]) -> Path:
         """Collectively write snapshot `step`: rank 0 writes `shared`, every rank its `own` state.
 
-        On any rank's failure the partial directory is removed, every older snapshot stays as it was,
-        and every rank raises SnapshotError with the first failure in one line."""
-        path = self.dir / step_dir_name(step)
-        error = None
-        if self.env.is_main:
-            try:
-                path.mkdir(parents=True, exist_ok=True)  # parents: a Python API run may have no run dir yet
-                # A directory left by an earlier attempt at this step stops being a snapshot first.
-                if (path / MANIFEST).exists():
-                    (path / MANIFEST).unlink()
-                    fsync_dir(path)
-                fsync_dir(self.dir)
-            except OSError as e:
-                error = f"rank 0: {e}"
+        The training loop pays only for serialisation: rank 0 then hashes, fsyncs and commits the
+        snapshot on a background thread while training goes on (issue 7's cost limit: at most 1.2x a bare
+        torch.save; hashing and fsync alone cost more than torch.save does). The next save, `wait()` and
+        `find_latest()` wait for that commit and raise its error. On any rank's failure the staging
+        directory is removed, every older snapshot stays as it was, and every rank raises SnapshotError
+        with the first failure in one line."""
+        final = self.dir / step_dir_name(step)
+        staging = self.dir / f".{final.name}{PARTIAL}"
+        # A failure is (snapshot name, why); rank 0, which knows what is committed, words the error.
+        failure = self._finish_commit() if self.env.is_main else None  # the previous snapshot's commit
+        if failure is None and (why := self._main_only(lambda: self._start(staging))):
+            failure = (final.name, why)
         self._barrier()
         files: dict[str, str] = {}
-        if error is None:
+        if failure is None:
             try:
+                # Rank 0 hashes and fsyncs its files later, on its commit thread; the others now.
                 if self.env.is_main:
-                    files[SHARED] = atomic_write(path / SHARED, lambda f: torch.save(shared, f))
-                files[rank_file(self.env.rank)] = atomic_write(
-                    path / rank_file(self.env.rank), lambda f: torch.save(own, f)
-                )
+                    write_file(staging / SHARED, lambda f: torch.save(shared, f), durable=False)
+                name = rank_file(self.env.rank)
+                files[name] = write_file(staging / name, lambda f: torch.save(own, f), not self.env.is_main)
             except OSError as e:
-                error = f"rank {self.env.rank}: {e}"
-        results = self._gather((files, error))
-        errors = [err for _, err in results if err]
-        if self.env.is_main and not errors:
+                failure = (final.name, f"rank {self.env.rank}: {e}")
+        results = self._gather((files, failure))
+        failures = [f for _, f in results if f]
+        if failures:
+            message = None
+            if self.env.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+                message = self._not_written(*failures[0])
+            raise SnapshotError(self._broadcast(message))
+        if self.env.is_main:
             manifest = {
                 "format": FORMAT,
                 "step": step,
@@ -271,37 +386,92 @@ class SnapshotStore:
                 "files": {k: v for f, _ in results for k, v in f.items()},
                 **meta,
             }
-            try:
-                atomic_write(path / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-            except OSError as e:
-                errors.append(f"rank 0: {e}")
-        errors = self._broadcast(errors)
-        if errors:
-            if self.env.is_main:
-                shutil.rmtree(path, ignore_errors=True)
-            good = max(self._good, default=None)
-            kept = (
-                f"newest good snapshot: {step_dir_name(good)}" if good is not None else "no earlier snapshot"
-            )
-            raise SnapshotError(f"snapshot {path.name} not written ({errors[0]}); {kept}")
-        self._good.add(step)
-        if self.env.is_main:
-            self._prune()
-        return path
+            # One long-lived thread (it ends when the store is garbage collected): starting a thread per
+            # snapshot waits until it is scheduled (milliseconds on a busy machine); submitting does not.
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="disttrain-commit")
+            self._committing = self._pool.submit(self._commit_in_background, staging, final, manifest)
+            _COMMITTING[self.dir.resolve()] = self._committing
+        return final
+
+    def wait(self) -> None:
+        """Wait until the last snapshot is committed; SnapshotError on every rank if that failed.
+        Collective: every rank calls it (the trainer, once training ends)."""
+        failure = self._finish_commit() if self.env.is_main else None
+        error = self._broadcast(self._not_written(*failure) if failure else None)
+        if error is not None:
+            raise SnapshotError(error)
+
+    def _finish_commit(self) -> tuple[str, str] | None:
+        """Rank 0: wait for the commit thread; (snapshot name, why) if its commit failed."""
+        if self._committing is None:
+            return None
+        self._committing.result()  # an OSError waits in _commit_failure; anything else is a bug: raised
+        self._committing = None
+        failure, self._commit_failure = self._commit_failure, None
+        return failure
+
+    def _not_written(self, name: str, why: str) -> str:
+        good = max(self._good, default=None)
+        kept = f"newest good snapshot: {step_dir_name(good)}" if good is not None else "no earlier snapshot"
+        return f"snapshot {name} not written ({why}); {kept}"
+
+    def _commit_in_background(self, staging: Path, final: Path, manifest: dict[str, Any]) -> None:
+        """Rank 0's thread: checksum and fsync shared.pt, commit, prune. It never logs (a DataLoader may
+        fork while it runs); an OSError waits in `_commit_failure` for the next save or wait()."""
+        try:
+            for name in (SHARED, rank_file(0)):
+                manifest["files"][name] = sha256_file(staging / name, fsync=True)
+            _slow_write_for_tests()
+            self._commit(staging, final, manifest)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            self._commit_failure = (final.name, f"rank 0: {e}")
+            return
+        self._good.add(manifest["step"])
+        self._bad.discard(manifest["step"])
+        self._prune()
+
+    def _main_only(self, action: Callable[[], None]) -> str | None:
+        """Run `action` on rank 0; its OSError as one line, or None."""
+        if not self.env.is_main:
+            return None
+        try:
+            action()
+        except OSError as e:
+            return f"rank 0: {e}"
+        return None
+
+    def _start(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier attempt at this step, abandoned
+        staging.mkdir(parents=True)  # parents: a Python API run may have no run dir yet
+
+    def _commit(self, staging: Path, final: Path, manifest: dict[str, Any]) -> None:
+        """The commit point: the manifest, then one rename of the whole directory to its final name."""
+        manifest["manifest_sha256"] = _manifest_sha(manifest)
+        write_file(staging / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        fsync_dir(staging)
+        if final.exists():
+            # A snapshot of this step from an earlier life (one that failed verification, else training
+            # would have resumed after it): moved aside, not deleted, until the new one is in place.
+            aside = final.with_name(f".{final.name}{REPLACED}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
+            os.rename(staging, final)
+            fsync_dir(self.dir)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(staging, final)
+        fsync_dir(self.dir)
 
     def _prune(self) -> None:
-        good = sorted(self._good, reverse=True)
-        if len(good) <= self.keep_last:
-            return
-        oldest_kept = good[self.keep_last - 1]
-        for path in self.dir.glob("step_*"):
-            try:
-                step = int(path.name.split("_", 1)[1])
-            except ValueError:
-                continue
-            if step < oldest_kept:
-                shutil.rmtree(path, ignore_errors=True)
-                self._good.discard(step)
+        """Delete snapshots older than the keep_last-th newest good one, and ones known not to verify."""
+        kept = sorted(self._good, reverse=True)[: self.keep_last]
+        for snap in list_snapshots(self.dir):
+            if snap.step not in kept and (snap.step < kept[-1] or snap.step in self._bad):
+                shutil.rmtree(snap.path, ignore_errors=True)
+                self._good.discard(snap.step)
+                self._bad.discard(snap.step)
 
     def _barrier(self) -> None:
         if dist.is_initialized() and self.env.world_size > 1:

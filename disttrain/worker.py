@@ -7,7 +7,10 @@ resolved twice and no worker writes Hydra output or changes directory.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict
-from disttrain.dist import distributed
+from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError
 from disttrain.trainer import Trainer, make_optimizer
 
@@ -27,6 +30,11 @@ log = logging.getLogger("disttrain")
 #: Signals that mean "stop soon": SIGTERM (torchrun, SLURM at the time limit, preemption) and the
 #: warning signal the sbatch script asks for (USR2 by default; USR1 too, for clusters configured so).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+#: Test hook, not a feature: `DISTTRAIN_TEST_CRASH_AT_STEP=N` makes the job's last rank die with exit
+#: code 1 right before optimizer step N, once per run dir (a marker file there remembers it), so tests
+#: can show that torchrun's restart resumes from the newest snapshot.
+TEST_CRASH_ENV = "DISTTRAIN_TEST_CRASH_AT_STEP"
 
 
 def read_config(path: Path) -> TrainConfig:
@@ -54,9 +62,80 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.broadcast_object_list(box, src=0)
             cfg = load_config(box[0])
         trainer = build_trainer(cfg, env)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, trainer.request_stop)
-        return trainer.fit()
+        previous = {sig: signal.signal(sig, trainer.request_stop) for sig in STOP_SIGNALS}
+        try:
+            _install_test_crash(trainer)
+            return trainer.fit()
+        finally:
+            # The handlers hold the trainer, whose DDP reducer holds the process group: a group still
+            # alive at interpreter exit is freed there, and gloo then aborts the process.
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            del trainer
+
+
+def _install_test_crash(trainer: Trainer) -> None:
+    crash_at = int(os.environ.get(TEST_CRASH_ENV, "0"))
+    marker = trainer.run_dir / ".test-crash-done"
+    if not crash_at or trainer.env.rank != trainer.env.world_size - 1 or marker.exists():
+        return
+    run_batch = trainer._run_batch
+
+    def crash_once(window: Any) -> Any:
+        if trainer.counters.step + 1 == crash_at:
+            marker.touch()
+            print(f"disttrain[rank {trainer.env.rank}]: {TEST_CRASH_ENV}: crashing", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(1)
+        return run_batch(window)
+
+    trainer._run_batch = crash_once  # type: ignore[method-assign]
+
+
+def slurm_job_to_requeue(environ: Any = os.environ) -> str | None:
+    """The id `scontrol requeue` takes for this job: an array job's own task only, never the array."""
+    if "SLURM_ARRAY_JOB_ID" in environ and "SLURM_ARRAY_TASK_ID" in environ:
+        return f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+    return environ.get("SLURM_JOB_ID")
+
+
+def finish(summary: dict[str, Any]) -> int:
+    """What a rank does once fit() returned: inside a SLURM job that a signal stopped, rank 0 puts the
+    job back in the queue; its next attempt resumes from the snapshot the stop just wrote.
+
+    Exit code 0 after a successful requeue: SLURM ends this attempt itself, and a non-zero exit would make
+    a torchrun with max_restarts restart the group inside an allocation that is going away. A requeue
+    that cannot happen (no scontrol, a job that is not requeueable) is exit 1 with one line: the run is
+    not done, and must not look done.
+    """
+    job = slurm_job_to_requeue()
+    if not str(summary.get("stopped", "")).startswith("stopped by signal") or job is None:
+        return 0
+    if placement().rank != 0:
+        return 0
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        print(
+            f"disttrain: error: {summary['stopped']} at step {summary['steps']}, but cannot requeue "
+            f"SLURM job {job}: scontrol not found on PATH",
+            file=sys.stderr,
+        )
+        return 1
+    res = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
+    if res.returncode != 0:
+        print(
+            f"disttrain: error: {summary['stopped']} at step {summary['steps']}, but "
+            f"`scontrol requeue {job}` failed: {res.stderr.strip() or res.stdout.strip()}",
+            file=sys.stderr,
+        )
+        return 1
+    print(
+        f"disttrain: {summary['stopped']} at step {summary['steps']}: snapshot written, "
+        f"SLURM job {job} requeued",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0
 
 
 def configure_logging(rank: int) -> None:
@@ -68,19 +147,35 @@ def configure_logging(rank: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from disttrain.dist import placement
-
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m disttrain.worker RUN_DIR/config.yaml", file=sys.stderr)
         return 2
-    configure_logging(placement().rank)
+    where = placement()
+    configure_logging(where.rank)
     try:
-        train(read_config(Path(args[0])))
+        cfg = read_config(Path(args[0]))
+        if where.rank == 0:
+            record_run(cfg, Path(args[0]))
+        summary = train(cfg)
     except (ConfigError, SnapshotError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    return 0
+    if where.local_rank == 0:
+        # One line per node: each machine's log shows it finished, and with which parameters.
+        steps, sha = summary["steps"], summary["params_sha256"]
+        print(f"disttrain: rank {where.rank} done: {steps} steps, params_sha256 {sha}", flush=True)
+    return finish(summary)
+
+
+def record_run(cfg: TrainConfig, config_path: Path) -> None:
+    """A config staged outside the run dir (sbatch's, whose run dir needs the job id) is recorded in the run
+    dir once the job knows it, so every run dir holds the config that trained it."""
+    from disttrain.cli import freeze_config
+
+    run_config = Path(cfg.run_dir) / "config.yaml"
+    if run_config.resolve() != config_path.resolve():
+        freeze_config(cfg, run_config)
 
 
 if __name__ == "__main__":

@@ -30,27 +30,38 @@ def counting_allreduce(state, bucket):
     return allreduce_hook(state, bucket)
 
 
-with distributed() as env:
-    torch.manual_seed(0)
-    model = nn.Linear(20, 1)
-    val = RandomRegression(size=5, seed=1)  # 5 samples on 2 ranks: DistributedSampler pads one
-    trainer = Trainer(
-        model, torch.optim.SGD(model.parameters(), lr=0.1), RandomRegression(size=40), cfg, val_dataset=val
-    )
-    trainer.model.register_comm_hook(None, counting_allreduce)
-    result = trainer.fit()
-    with torch.no_grad():
-        expected = nn.functional.mse_loss(trainer.module(val.x), val.y).item()
-    counts = [None] * env.world_size
-    dist.all_gather_object(counts, len(calls))
-    if env.is_main:
-        out.write_text(
-            json.dumps(
-                {
-                    "steps": result["steps"],
-                    "allreduce_calls": counts,
-                    "val_loss": trainer.counters.last_val_loss,
-                    "expected_val_loss": expected,
-                }
-            )
+def main() -> None:
+    with distributed() as env:
+        torch.manual_seed(0)
+        model = nn.Linear(20, 1)
+        val = RandomRegression(size=5, seed=1)  # 5 samples on 2 ranks: DistributedSampler pads one
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            RandomRegression(size=40),
+            cfg,
+            val_dataset=val,
         )
+        trainer.model.register_comm_hook(None, counting_allreduce)
+        result = trainer.fit()
+        with torch.no_grad():
+            expected = nn.functional.mse_loss(trainer.module(val.x), val.y).item()
+        counts = [None] * env.world_size
+        dist.all_gather_object(counts, len(calls))
+        if env.is_main:
+            out.write_text(
+                json.dumps(
+                    {
+                        "steps": result["steps"],
+                        "allreduce_calls": counts,
+                        "val_loss": trainer.counters.last_val_loss,
+                        "expected_val_loss": expected,
+                    }
+                )
+            )
+        # The Trainer's DDP reducer holds the group: free it before the group is destroyed, as
+        # disttrain's own worker does (a group freed at interpreter exit can abort under gloo).
+        del trainer
+
+
+main()

@@ -1,0 +1,157 @@
+"""launcher=slurm on a real SLURM cluster (slurmctld + two slurmd on this machine, tests/clusters): jobs
+submitted through the real sbatch train like the same job run locally, and a job that gets the warning
+signal snapshots, requeues itself and resumes to the same parameters."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.clusters.slurm import SlurmCluster
+from tests.support import ROOT, disttrain, last_step, summary
+from tests.test_launch import JOB, done_lines, reference_sha256
+
+
+@pytest.fixture
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return reference_sha256(tmp_path_factory)
+
+
+def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[str, str]:
+    """`disttrain launcher=slurm ...` as a user on the login node runs it; returns (job id, its output)."""
+    res = disttrain(
+        *JOB,
+        "launcher=slurm",
+        f"run_dir={tmp_path}/${{run_id:}}",
+        *overrides,
+        SLURM_CONF=cluster.env["SLURM_CONF"],
+        PATH=cluster.env["PATH"],
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"{out}\n{cluster.logs()}"
+    match = re.search(r"^submitted SLURM job (\d+)$", res.stdout, re.M)
+    assert match, out
+    return match.group(1), out
+
+
+def job_log(tmp_path: Path, job: str) -> str:
+    return "\n".join(p.read_text() for p in tmp_path.glob(f"*/slurm-{job}.out"))
+
+
+@pytest.mark.parametrize(("nodes", "per_node"), [(1, 2), (2, 1)], ids=["1node-2procs", "2nodes-1proc"])
+def test_slurm_job_matches_the_local_run(
+    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str, nodes: int, per_node: int
+) -> None:
+    job, out = submit(
+        slurm_cluster,
+        tmp_path,
+        f"launcher.nodes={nodes}",
+        f"launcher.nproc_per_node={per_node}",
+        "launcher.time=00:05:00",
+        "launcher.wait=true",
+    )
+    state = slurm_cluster.job_state(job)
+    log = job_log(tmp_path, job)
+    assert state["JobState"] == "COMPLETED", f"{out}\n{log}\n{slurm_cluster.logs()}"
+    assert f"SLURM job {job} COMPLETED, exit code 0, restarts 0" in out  # launcher.wait reported it
+    assert state["NodeList"] in ({"n[1-2]"} if nodes == 2 else {"n1", "n2"})
+    # The run dir carries the job id; one `done` line per node, all with the local run's parameters.
+    run_dir = tmp_path / f"slurm-{job}"
+    assert f"  run dir: {run_dir}" in out
+    assert done_lines(log) == {rank * per_node: reference for rank in range(nodes)}, log
+    assert summary(run_dir)["params_sha256"] == reference
+    assert summary(run_dir)["world_size"] == 2
+    assert (run_dir / "config.yaml").read_text().count(f"run_dir: {run_dir}\n") == 1
+
+
+def test_preempted_job_requeues_and_resumes(
+    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str
+) -> None:
+    job, _ = submit(slurm_cluster, tmp_path, "launcher.nproc_per_node=2", "launcher.time=00:05:00")
+    run_dir = tmp_path / f"slurm-{job}"
+    deadline = time.monotonic() + 120
+    while last_step(run_dir) < 20:
+        state = slurm_cluster.job_state(job)
+        assert state["JobState"] in ("PENDING", "RUNNING"), f"{state}\n{job_log(tmp_path, job)}"
+        assert time.monotonic() < deadline, f"no step 20 in 120 s\n{job_log(tmp_path, job)}"
+        time.sleep(0.05)
+    # What `#SBATCH --signal=USR2@N` does at N seconds before the time limit: USR2 to the job's steps.
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm_cluster.env, check=True, timeout=30)
+    slurm_cluster.wait_until(
+        job, lambda s: s.get("Restarts") == "1" and s.get("JobState") == "PENDING", 60, "requeued"
+    )
+    slurm_cluster.release(job)
+    state = slurm_cluster.wait_job(job, timeout=180)
+    log = job_log(tmp_path, job)
+    assert state["JobState"] == "COMPLETED", f"{state}\n{log}\n{slurm_cluster.logs()}"
+    assert state["Restarts"] == "1"
+    stopped = re.search(
+        r"stopped by signal SIGUSR2 at step (\d+): snapshot written, SLURM job (\d+) requeued",
+        log,
+    )
+    assert stopped and stopped.group(2) == job, log
+    assert f"resumed from {run_dir}/snapshots/step_{int(stopped.group(1)):08d}" in log, log
+    assert 20 <= int(stopped.group(1)) < 226
+    assert summary(run_dir)["params_sha256"] == reference
+    assert summary(run_dir)["stopped"] == "max_epochs"
+
+
+def test_gpus_the_partition_lacks_are_refused(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    res = disttrain(
+        "launcher=slurm",
+        "launcher.gpus_per_node=1",
+        f"run_dir={tmp_path}/run",
+        SLURM_CONF=slurm_cluster.env["SLURM_CONF"],
+        PATH=slurm_cluster.env["PATH"],
+    )
+    assert res.returncode == 2
+    assert res.stderr == (
+        "disttrain: error: launcher.gpus_per_node=1: nodes of the default partition have at most 0 (sinfo)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_hand_written_sbatch_script_trains(
+    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str
+) -> None:
+    # As its header says: `sbatch [OPTIONS] slurm/train.sbatch [OVERRIDE ...]`; options beat #SBATCH lines.
+    job = slurm_cluster.sbatch(
+        "--nodes=2",
+        "--cpus-per-task=1",
+        "--time=5",
+        f"--export=ALL,PYTHON={sys.executable}",
+        str(ROOT / "slurm" / "train.sbatch"),
+        *JOB,
+        f"run_dir={tmp_path}/${{run_id:}}",
+        cwd=tmp_path,
+    )
+    state = slurm_cluster.wait_job(job, timeout=240)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert state["JobState"] == "COMPLETED", f"{state}\n{log}\n{slurm_cluster.logs()}"
+    assert state["NodeList"] == "n[1-2]"
+    assert summary(tmp_path / f"slurm-{job}")["params_sha256"] == reference
+
+
+def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    # sbatch passes the submitter's environment on: the test hook makes one worker die at step 5.
+    res = disttrain(
+        *JOB,
+        "launcher=slurm",
+        "launcher.nproc_per_node=2",
+        "launcher.time=00:05:00",
+        "launcher.wait=true",
+        f"run_dir={tmp_path}/${{run_id:}}",
+        SLURM_CONF=slurm_cluster.env["SLURM_CONF"],
+        PATH=slurm_cluster.env["PATH"],
+        DISTTRAIN_TEST_CRASH_AT_STEP="5",
+    )
+    job = re.search(r"^submitted SLURM job (\d+)$", res.stdout, re.M)
+    assert job, res.stdout + res.stderr
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert f"SLURM job {job.group(1)} FAILED, exit code 1, restarts 0" in res.stdout
+    assert slurm_cluster.job_state(job.group(1))["JobState"] == "FAILED"
