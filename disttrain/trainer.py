@@ -379,9 +379,7 @@ class Trainer:
             final = i == len(window) - 1
             # Forward too must run inside no_sync: DDP decides in forward whether backward all-reduces.
             with contextlib.nullcontext() if final else self.strategy.no_sync(self.model):
-                with torch.autocast(
-                    self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-                ):
+                with self._autocast():
                     loss = self.loss_fn(self.model(x), y)
                 self.scaler.scale(loss * (len(y) / total)).backward()
             loss_sum += loss.detach() * len(y)
@@ -400,6 +398,12 @@ class Trainer:
             halve_lr(self.optimizer, self.scheduler)
         self.scheduler.step()
         return StepResult(loss_value, norm_value, verdict, flow)
+
+    def _autocast(self) -> torch.autocast:
+        """bf16/fp16 autocast on the job's device; a disabled one (no branch in the step) for fp32."""
+        return torch.autocast(
+            self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
+        )
 
     def _grad_flow(self) -> dict[str, float] | None:
         every = self.cfg.health.grad_flow_every
@@ -428,9 +432,7 @@ class Trainer:
         for j, (x, y) in enumerate(self.val_loader):
             x = x.to(self.env.device, non_blocking=True)
             y = y.to(self.env.device, non_blocking=True)
-            with torch.autocast(
-                self.env.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
-            ):
+            with self._autocast():
                 per_sample = self.loss_fn(self.model(x), y, reduction="none").reshape(len(y), -1).mean(1)
             position = self.env.rank + world * (j * batch + torch.arange(len(y), device=self.env.device))
             real = position < n_real
