@@ -226,8 +226,8 @@ class Trainer:
         self.env = env or setup_distributed(t.device, t.timeout_s)
         self.run_dir = Path(cfg.run_dir)
         self.strategy = make_strategy(resolve_strategy(cfg, self.env.world_size), self.env, cfg.strategy)
-        self.module = model.to(self.env.device)
-        self.model = self.strategy.wrap(self.module)
+        self.model = self.strategy.wrap(model.to(self.env.device))
+        self.module = self.strategy.unwrap(self.model)  # what snapshots save and hashes cover
         self.optimizer = optimizer
         self.loss_fn = (
             loss_fn or LOSSES[t.loss if t.loss != "auto" else getattr(dataset, "loss", "cross_entropy")]
