@@ -11,6 +11,7 @@ from the environment.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import random
@@ -457,10 +458,10 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "counters": c.state_dict(),
         }
-        own = {
-            "rng": rng_state(),
-            "loader": self.loader.state_dict() if c.batches_in_epoch else None,
-        }
+        # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
+        # an object training changes. rng_state() is new; a dataset's state_dict may not be.
+        loader = copy.deepcopy(self.loader.state_dict()) if c.batches_in_epoch else None
+        own = {"rng": rng_state(), "loader": loader}
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg)}
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta)
 

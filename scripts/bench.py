@@ -14,7 +14,7 @@ Tables:
              DDP options (bucket_cap_mb, gradient_as_bucket_view, static_graph) tried.
   extras     what the Trainer does per step beyond the hand-written loop, each timed alone.
   startup    seconds from the command to the first finished step: `disttrain` against a bare script.
-  snapshot   the cost of snapshots (scripts/bench_snapshot.py, when it exists).
+  snapshot   the cost of a snapshot against a bare torch.save (scripts/bench_snapshot.py).
 
 Fairness (decisions):
 - Both loops use the same data pipeline: `disttrain.data.make_loader` (torchdata's StatefulDataLoader,
@@ -659,14 +659,16 @@ def derived_rows(
     return rows
 
 
-def snapshot_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
-    """The snapshot-cost row from scripts/bench_snapshot.py, which may not exist (then a note says so)."""
-    try:
-        from bench_snapshot import measure_snapshot_cost  # type: ignore[import-not-found]
-    except ImportError:
-        return [], "snapshot: scripts/bench_snapshot.py not found, no snapshot row"
-    result = measure_snapshot_cost(size_mb=4, repeats=3) if args.quick else measure_snapshot_cost()
-    return [{"table": "snapshot", "label": "snapshot vs bare torch.save", **result}], ""
+def snapshot_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The snapshot-cost rows of scripts/bench_snapshot.py, one per state size."""
+    from bench_snapshot import SIZES_MB, measure_snapshot_cost
+
+    sizes, repeats = (SIZES_MB[:1], 3) if args.quick else (SIZES_MB, 21)
+    return [
+        {"table": "snapshot", "label": f"snapshot vs bare torch.save, {size} MB", **result}
+        for size in sizes
+        for result in [measure_snapshot_cost(size, repeats)]
+    ]
 
 
 # ---- printing ------------------------------------------------------------------------------------
@@ -728,8 +730,8 @@ def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> No
         "snapshot": (
             "snapshot cost (scripts/bench_snapshot.py)",
             lambda r: (
-                f"{r['bytes'] / 2**20:.1f} MiB: torch.save {r['bare_torch_save_s'] * 1e3:.1f} ms,"
-                f" snapshot {r['snapshot_s'] * 1e3:.1f} ms"
+                f"{r['bytes'] / 1e6:.2f} MB: torch.save {r['bare_torch_save_s'] * 1e3:.2f} ms,"
+                f" snapshot {r['snapshot_s'] * 1e3:.2f} ms"
             ),
         ),
     }
@@ -824,9 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         startup_dir = scratch / "startup"
         startup_dir.mkdir()
         rows += measure_startup(args, nproc, startup_dir)
-        snap, note = snapshot_rows(args)
-        rows += snap
-        notes += [note] if note else []
+        rows += snapshot_rows(args)
     load_after = os.getloadavg()[0]
     notes.append(
         f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()} cores"

@@ -67,7 +67,8 @@ def _wait_for_progress(proc: subprocess.Popen, run_dir: Path, start_steps: int, 
 
 
 def _unfinished_writes(run_dir: Path) -> set[tuple[str, int]]:
-    """Staging directories of snapshot writes, by name and inode (a later life may reuse a name)."""
+    """What unfinished snapshot writes left (`.partial` files and directories), by name and inode (a
+    later life may reuse a name)."""
     found = set()
     for path in (run_dir / "snapshots").glob(f".step_*{PARTIAL}"):
         try:

@@ -55,10 +55,9 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
         row = next(r for r in rows if r.get("label") == label)
         assert 0 < row["first_step_s"] <= row["exit_s"], row
         assert label in printed
-    if (ROOT / "scripts" / "bench_snapshot.py").exists():
-        assert "snapshot vs bare torch.save" in printed
-    else:
-        assert "scripts/bench_snapshot.py not found" in printed
+    snapshot = next(r for r in rows if r["table"] == "snapshot")
+    assert snapshot["bare_torch_save_s"] > 0 and snapshot["snapshot_s"] > 0, snapshot
+    assert f"{snapshot['label']:<44} {snapshot['bytes'] / 1e6:.2f} MB: torch.save" in printed
     assert report["meta"]["command"].startswith("python scripts/bench.py --quick")
 
 
