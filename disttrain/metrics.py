@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,21 @@ class MetricsLog:
     """Appends one JSON object per optimizer step to `metrics.jsonl`.
 
     On resume the lines after the snapshot's step are dropped (a killed run logged steps it is about to
-    redo), so the file holds every step exactly once, as if the run had never stopped."""
+    redo), so the file holds every step exactly once, as if the run had never stopped.
+
+    Records are kept and reach the file every FLUSH_SECONDS, and whenever the trainer snapshots (so a
+    kill loses only lines that resume drops anyway): encoding and writing a line at every step cost
+    14-20 us a step in the training loop (3.5 us in a loop of its own, where the caches stay warm).
+    A record must not be changed once written."""
+
+    FLUSH_SECONDS = 1.0
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
         self._file = None
+        self._records: list[dict[str, Any]] = []
+        self._flush_at = 0.0
 
     def open(self, resume_step: int) -> None:
         if not self.enabled:
@@ -101,15 +111,24 @@ class MetricsLog:
                 if _step_of(line) <= resume_step
             ]
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
-        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - stays open for the whole run
+        self._file = open(self.path, "a")  # noqa: SIM115 - stays open for the whole run
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._records.append(record)
+            if (now := time.monotonic()) >= self._flush_at:
+                self.flush()
+                self._flush_at = now + self.FLUSH_SECONDS
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.write("".join(json.dumps(r) + "\n" for r in self._records))
+            self._file.flush()
+            self._records.clear()
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            self.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None

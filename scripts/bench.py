@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Model sizes per device type. CPU: small enough for minutes on 2 cores; CUDA: GPT-2 small's shape.
 MODELS = {
+    # Almost no compute: its Trainer - hand step time is the Trainer's own per-step cost (overhead table).
+    "tiny": {
+        "cpu": {"vocab_size": 50, "context": 2, "embed_dim": 4, "hidden": 8, "batch": 4, "steps": 1000},
+        "cuda": {"vocab_size": 50, "context": 2, "embed_dim": 4, "hidden": 8, "batch": 4, "steps": 1000},
+    },
     "mlp": {
-        "cpu": {"vocab_size": 10000, "context": 4, "embed_dim": 10, "hidden": 64, "batch": 32},
-        "cuda": {"vocab_size": 10000, "context": 4, "embed_dim": 10, "hidden": 64, "batch": 32},
+        "cpu": {"vocab_size": 10000, "context": 4, "embed_dim": 10, "hidden": 64, "batch": 32, "steps": 400},
+        "cuda": {"vocab_size": 10000, "context": 4, "embed_dim": 10, "hidden": 64, "batch": 32, "steps": 400},
     },
     "gpt": {
-        "cpu": {"vocab_size": 256, "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 128, "batch": 16},
+        "cpu": {
+            "vocab_size": 256,
+            "block_size": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_embd": 128,
+            "batch": 16,
+            "steps": 40,
+        },
         "cuda": {
             "vocab_size": 256,
             "block_size": 1024,
@@ -72,6 +86,7 @@ MODELS = {
             "n_head": 12,
             "n_embd": 768,
             "batch": 16,
+            "steps": 50,
         },
     },
 }
@@ -126,6 +141,12 @@ class Clock:
         return (wall1 - wall0) / self.steps, (cpu1 - cpu0) / self.steps
 
 
+def steps_of(model_name: str, plan: dict[str, Any]) -> int:
+    """Timed steps per repeat: --steps, else the model's own (a window of about a second on CPU: the
+    MLP's 3 ms steps need ten times the GPT's count for the same resolution)."""
+    return plan["steps"] or MODELS[model_name][plan["device_type"]]["steps"]
+
+
 def build(model_name: str, plan: dict[str, Any], world: int) -> tuple[Any, Any, int]:
     """(model, dataset, batch) for a case; every case of a model starts from the same seed and data."""
     import torch
@@ -134,11 +155,12 @@ def build(model_name: str, plan: dict[str, Any], world: int) -> tuple[Any, Any, 
     from disttrain.models import CharGPT, MLPLanguageModel
 
     size = dict(MODELS[model_name][plan["device_type"]])
-    batch = size.pop("batch")
+    batch, steps = size.pop("batch"), steps_of(model_name, plan)
+    size.pop("steps")
     # Enough samples that no case reaches the end of an epoch (the Trainer would validate and snapshot).
-    samples = (plan["warmup"] + plan["steps"] + 3) * batch * max(world, plan["nproc"])
+    samples = (plan["warmup"] + steps + 3) * batch * max(world, plan["nproc"])
     torch.manual_seed(0)
-    if model_name == "mlp":
+    if model_name in ("mlp", "tiny"):
         data = TokenCorpus(size["vocab_size"], samples + size["context"], size["context"])
         return MLPLanguageModel(**size), data, batch
     data = TokenCorpus(size["vocab_size"], samples + size["block_size"], size["block_size"], sequence=True)
@@ -149,7 +171,7 @@ def optimizer_config(model_name: str) -> Any:
     from disttrain.config import OptimConfig
 
     # The experiments' optimizers: SGD with momentum for the seed MLP, AdamW for the GPT.
-    if model_name == "mlp":
+    if model_name in ("mlp", "tiny"):
         return OptimConfig(name="sgd", lr=0.1, momentum=0.9)
     return OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1)
 
@@ -183,7 +205,7 @@ def hand_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock
     loader = make_loader(dataset, sampler, batch, 0, env.device.type == "cuda")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["precision"])
     scaler = torch.amp.GradScaler(env.device.type, enabled=case["precision"] == "fp16")
-    for _, (x, y) in zip(range(plan["warmup"] + plan["steps"] + 1), loader, strict=False):
+    for _, (x, y) in zip(range(plan["warmup"] + steps_of(case["model"], plan) + 1), loader, strict=False):
         clock.tick()
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
@@ -214,7 +236,7 @@ def trainer_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Cl
         strategy=StrategyConfig(name="dp" if dp else "auto", **case.get("ddp", {})),
         trainer=TrainerConfig(
             max_epochs=1,
-            max_steps=plan["warmup"] + plan["steps"] + 1,
+            max_steps=plan["warmup"] + steps_of(case["model"], plan) + 1,
             batch_size=batch * plan["nproc"] if dp else batch,
             precision=case["precision"],
             grad_clip_norm=1.0,
@@ -237,7 +259,7 @@ def run_case(case: dict[str, Any], plan: dict[str, Any], env: Any, run_dir: Path
     import torch.distributed as dist
 
     torch.set_num_threads(case.get("threads", plan["threads"]))
-    clock = Clock(plan["warmup"], plan["steps"], env.device.type == "cuda")
+    clock = Clock(plan["warmup"], steps_of(case["model"], plan), env.device.type == "cuda")
     if case["kind"] == "hand":
         hand_loop(case, plan, env, clock)
     else:
@@ -296,6 +318,7 @@ def time_extras(env: Any, scratch: Path, n: int = 2000) -> dict[str, float]:
     tick = time.perf_counter()
     for _ in range(n):
         log.write(record)
+    log.flush()  # lines are encoded and written in batches: count that too
     out["metrics.jsonl line"] = (time.perf_counter() - tick) / n
     log.close()
     a, b = torch.ones((), device=env.device), torch.ones((), device=env.device)
@@ -381,6 +404,10 @@ def make_plan(args: argparse.Namespace, nproc: int, scratch: Path) -> dict[str, 
         for label, options in DDP_VARIANTS.items():
             if label != "default":
                 add(nproc, args.model[0], args.precision[0], "trainer", ddp=options, label=label)
+    # In one process: under DDP the two processes wait for each other, and the Trainer's extra host work
+    # hides in those waits (its tiny-model step measured 0.15 ms *faster* than the hand loop's).
+    add(1, "tiny", "fp32", "hand")
+    add(1, "tiny", "fp32", "trainer")
     for i, case in enumerate(cases):
         case["index"] = i
     return {
@@ -556,7 +583,11 @@ def loop_rows(
             per_step = statistics.median(secs)
             samples = batch * (plan["nproc"] if case["kind"] == "dp" else world)
             row = {
-                "table": "loop" if case["kind"] in ("hand", "trainer") and "ddp" not in case else "other",
+                "table": "tiny"
+                if model == "tiny"
+                else "loop"
+                if case["kind"] in ("hand", "trainer") and "ddp" not in case
+                else "other",
                 "name": name,
                 "model": model,
                 "precision": case["precision"],
@@ -567,6 +598,7 @@ def loop_rows(
                 "spread": spread(secs),
                 "samples_per_s": samples / per_step,
                 "repeats_ms": [s * 1e3 for s in secs],
+                "repeats_cpu_ms": [cpu * 1e3 for _, cpu in timings],
             }
             if model == "gpt":
                 row["tokens_per_s"] = row["samples_per_s"] * MODELS["gpt"][plan["device_type"]]["block_size"]
@@ -579,6 +611,10 @@ def loop_rows(
     return rows
 
 
+def paired(a: dict[str, Any], b: dict[str, Any], key: str, f: Callable[[float, float], float]) -> list[float]:
+    return [f(x, y) for x, y in zip(a[key], b[key], strict=True)]
+
+
 def find(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     return next((r for r in rows if r.get("name") == name), None)
 
@@ -589,11 +625,26 @@ def derived_rows(
     """Ratios: Trainer / hand-written, DDP / DP, N processes / 1, DDP options / default."""
     n = plan["nproc"]
     rows = []
+    # Repeats ran interleaved (A B, B A, ...): a Trainer repeat and the hand repeat beside it shared the
+    # machine's state, so the median of the pairs' ratios (differences) is robust to slow drifts.
+    overhead_ms = None
+    hand, trainer = find(case_rows, "tiny/fp32/single/hand"), find(case_rows, "tiny/fp32/single/trainer")
+    if hand and trainer:
+        overhead_ms = statistics.median(paired(trainer, hand, "repeats_ms", lambda t, h: t - h))
+        label = "Trainer - hand, tiny model, 1 process"
+        rows.append({"table": "overhead", "label": label, "us": overhead_ms * 1e3})
     for r in case_rows:
         if r["kind"] == "trainer" and r["table"] == "loop":
             hand = find(case_rows, r["name"].replace("/trainer", "/hand"))
-            r["ratio"] = r["step_ms"] / hand["step_ms"] if hand else None
-            r["cpu_ratio"] = r["cpu_ms"] / hand["cpu_ms"] if hand else None
+            if hand is None:
+                continue
+            r["ratio"] = statistics.median(paired(r, hand, "repeats_ms", lambda t, h: t / h))
+            r["cpu_ratio"] = statistics.median(paired(r, hand, "repeats_cpu_ms", lambda t, h: t / h))
+            if overhead_ms is not None:
+                # What the Trainer's own host work adds to this model's step, free of the noise that
+                # moves a whole step by several percent on a shared machine (under DDP the Trainer
+                # also all-reduces a stop flag, once a second: the extras table).
+                r["overhead_ratio"] = 1 + overhead_ms / hand["step_ms"]
     for model in plan["models"]:
         for precision in dict.fromkeys(c["precision"] for c in plan["cases"]):
             dp = find(case_rows, f"{model}/{precision}/single/dp")
@@ -645,7 +696,9 @@ def derived_rows(
             )
     for world, result in sorted(results.items()):
         trainer_ms = min(
-            r["step_ms"] for r in case_rows if r["kind"] == "trainer" and r["processes"] == world
+            r["step_ms"]
+            for r in case_rows
+            if r["kind"] == "trainer" and r["processes"] == world and r["model"] != "tiny"
         )
         for what, seconds in result["extras"].items():
             rows.append(
@@ -681,13 +734,14 @@ def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> No
     if loop:
         print(
             "\n## loop: hand-written PyTorch loop vs disttrain Trainer (step ms: window wall time / steps,"
-            " median over repeats; ratio = Trainer / hand"
+            " median over repeats; ratio = median of Trainer / hand over interleaved pairs of repeats;"
+            " overhead = 1 + the Trainer's own per-step cost (overhead table) / hand step"
             + ("" if cuda else "; cpu ms: the process's CPU time per step, blind to other processes' load)")
             + (")" if cuda else "")
         )
         head = f"{'row':<30} {'step ms':>9} {'spread':>7} {'samples/s':>10}"
         head += f" {'tokens/s':>11} {'MFU':>6}" if cuda else f" {'cpu ms':>9}"
-        print(head + f" {'ratio':>6}" + ("" if cuda else f" {'cpu ratio':>9}"))
+        print(head + f" {'ratio':>6}" + ("" if cuda else f" {'cpu ratio':>9}") + f" {'overhead':>8}")
         for r in loop:
             line = f"{r['name']:<30} {r['step_ms']:>9.3f} {r['spread']:>6.1%} {r['samples_per_s']:>10,.0f}"
             if cuda:
@@ -695,11 +749,17 @@ def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> No
             else:
                 line += f" {r['cpu_ms']:>9.3f}"
             line += f" {fmt(r.get('ratio'), '>6.3f')}"
-            print(line + ("" if cuda else f" {fmt(r.get('cpu_ratio'), '>9.3f')}"))
+            line += "" if cuda else f" {fmt(r.get('cpu_ratio'), '>9.3f')}"
+            print(line + f" {fmt(r.get('overhead_ratio'), '>8.4f')}")
     for r in [r for r in rows if r["table"] == "other" and r["kind"] == "dp"]:
         extra = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
         print(f"  ({r['name']}: {r['step_ms']:.3f} ms/step, spread {r['spread']:.1%}{extra})")
     sections = {
+        "overhead": (
+            "the Trainer's own per-step cost: Trainer - hand step time on a model that computes almost"
+            " nothing (median of the interleaved repeats' differences)",
+            lambda r: f"{r['us']:>8.1f} us",
+        ),
         "dp-ddp": (
             "DDP vs DataParallel, same global batch (ratio = DDP samples/s / DP samples/s)",
             lambda r: f"DP {r['dp_samples_per_s']:>10,.0f}/s  DDP {r['ddp_samples_per_s']:>10,.0f}/s",
@@ -761,9 +821,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--model", nargs="+", choices=tuple(MODELS), default=None, help="default: mlp gpt (cpu), gpt (cuda)"
     )
-    p.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 60 cpu, 50 cuda)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per repeat (default: the model's, see MODELS)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 5)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process, same for both loops")
     p.add_argument(
         "--nproc", type=int, default=None, help="DDP processes (default 2 on cpu, all GPUs on cuda)"
@@ -779,9 +841,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.precision = args.precision or (["bf16"] if cuda else ["fp32", "bf16"])
     args.model = args.model or (["gpt"] if cuda else ["mlp", "gpt"])
     quick = args.quick
-    args.steps = args.steps or (3 if quick else 50 if cuda else 40)
+    args.steps = args.steps or (3 if quick else None)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 5 if not cuda else 10)
-    args.repeats = args.repeats or (1 if quick else 3)
+    args.repeats = args.repeats or (1 if quick else 5)
     args.startup_repeats = args.startup_repeats or (1 if quick else 2)
     return args
 
@@ -832,9 +894,10 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()} cores"
         " (other processes' work shows up as spread and in wall times, not in cpu ms)"
     )
+    steps = ", ".join(f"{m} {steps_of(m, plan)}" for m in args.model)
     notes.append(
         f"{args.threads} intra-op thread(s) per process (DP too); warm-up {args.warmup},"
-        f" {args.steps} timed steps, {args.repeats} interleaved repeats; one StatefulDataLoader in both loops"
+        f" {steps} timed steps, {args.repeats} interleaved repeats; one StatefulDataLoader in both loops"
     )
     print_tables(rows, notes, args.device == "cuda")
     meta = {

@@ -42,6 +42,7 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
                     assert name in printed
                     if kind == "trainer":
                         assert math.isfinite(row["ratio"]), row
+                        assert math.isfinite(row["overhead_ratio"]), row
             assert f"{model} {precision}: 1 -> 2 processes" in printed
         # DataParallel runs for the first precision only (it is the slowest case on CPU).
         assert f"{model} fp32: DDP x2 / DP x2" in printed
@@ -51,6 +52,9 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
         assert f"mlp {label}" in printed
     for label in ("metrics.jsonl line (1 process)", "stop-flag all_reduce (2 processes)"):
         assert label in printed
+    row = next(r for r in rows if r.get("label") == "Trainer - hand, tiny model, 1 process")
+    assert math.isfinite(row["us"]), row
+    assert row["label"] in printed
     for label in ("python / disttrain", "python / bare", "torchrun x2 / disttrain", "torchrun x2 / bare"):
         row = next(r for r in rows if r.get("label") == label)
         assert 0 < row["first_step_s"] <= row["exit_s"], row
