@@ -333,14 +333,14 @@ class Trainer:
         if self.env.world_size == 1:
             return bool(self._stop_signal)
         step = self.counters.step
-        if self._stop_work is not None:  # started at the previous step
+        if self._stop_work is not None and self._stop_started_at is not None:  # one started, with its step
             self._stop_work.wait()
             signum, interval = (int(v) for v in self._stop_flag.tolist())
             self._stop_work = None
             if signum:
                 self._stop_signal = signum
                 return True
-            self._stop_next_step = step - 1 + interval
+            self._stop_next_step = self._stop_started_at[0] + interval
         if step >= self._stop_next_step:
             now, proposal = time.perf_counter(), 1
             if self._stop_started_at is not None:
