@@ -61,7 +61,11 @@ def start(*args: str, cwd: Path | None = None, **extra: str) -> subprocess.Popen
 
 
 def kill_at_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> int:
-    """SIGKILL the whole process group once metrics.jsonl shows `step`; return the step it had reached."""
+    """SIGKILL the whole process group once metrics.jsonl shows `step`; return the last step it showed.
+
+    metrics.jsonl is written about once a second, so the run may have gone further than the returned
+    step by the time it dies: the return value is a lower bound on how far the killed attempt got.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         reached = last_step(run_dir)

@@ -114,7 +114,7 @@ def steps_of(run_dir: Path) -> list[dict]:
 def test_sigkill_resume_continues_the_wandb_run_and_the_health_state(tmp_path) -> None:
     job = [
         *EXPLODING,
-        "trainer.max_steps=100",
+        "trainer.max_steps=200",  # room past the kill: the test sees step 50 up to a second late
         "snapshot.every_steps=20",
         "logger=wandb",
         "health.on_explosion=halve_lr",
@@ -128,7 +128,7 @@ def test_sigkill_resume_continues_the_wandb_run_and_the_health_state(tmp_path) -
 
     run_dir, wandb_dir = tmp_path / "killed", tmp_path / "wandb-dir"
     env["WANDB_DIR"] = str(wandb_dir)
-    killed_at = kill_at_step(start(*job, f"run_dir={run_dir}", **env), run_dir, 50)
+    kill_at_step(start(*job, f"run_dir={run_dir}", **env), run_dir, 50)
     again = disttrain(*job, f"run_dir={run_dir}", **env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr
@@ -147,10 +147,11 @@ def test_sigkill_resume_continues_the_wandb_run_and_the_health_state(tmp_path) -
     first, second = attempts(wandb_dir)
     (id1, hist1), (id2, hist2) = wandb_history(first), wandb_history(second)
     assert id1 == id2 == run_id
-    # The killed attempt holds a prefix (wandb writes lazily, a kill loses the tail); the resumed one
-    # replays what may be missing, so its history alone has every step once, 1..N, contiguous.
+    # The killed attempt holds a prefix of the run (wandb writes lazily, a kill loses the tail; how far
+    # it got past the step the test saw is not known, metrics.jsonl lags by up to a second); the resumed
+    # one replays what may be missing, so its history alone has every step once, 1..N, contiguous.
     n = summary(run_dir)["steps"]
-    assert sorted(hist1) == list(range(1, len(hist1) + 1)) and len(hist1) <= killed_at
+    assert sorted(hist1) == list(range(1, len(hist1) + 1)) and len(hist1) < n
     assert sorted(hist2) == list(range(1, n + 1))
     logged = dict(losses(run_dir))
     for hist in (hist1, hist2):

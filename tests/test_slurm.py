@@ -72,7 +72,15 @@ def test_slurm_job_matches_the_local_run(
 def test_preempted_job_requeues_and_resumes(
     slurm_cluster: SlurmCluster, tmp_path: Path, reference: str
 ) -> None:
-    job, _ = submit(slurm_cluster, tmp_path, "launcher.nproc_per_node=2", "launcher.time=00:05:00")
+    # Snapshots every 10 steps (the weights do not depend on it) flush metrics.jsonl that often, so the
+    # test sees step 20 well before the job's last step (226) rather than up to a second later.
+    job, _ = submit(
+        slurm_cluster,
+        tmp_path,
+        "launcher.nproc_per_node=2",
+        "launcher.time=00:05:00",
+        "snapshot.every_steps=10",
+    )
     run_dir = tmp_path / f"slurm-{job}"
     deadline = time.monotonic() + 120
     while last_step(run_dir) < 20:
