@@ -1,8 +1,29 @@
-"""disttrain: train PyTorch models on one process, many GPUs or many machines, and resume bit-exactly."""
+"""disttrain: train PyTorch models on one process, many GPUs or many machines, and resume bit-exactly.
 
-from disttrain.config import ConfigError, TrainConfig
-from disttrain.dist import DistEnv, distributed, setup_distributed
-from disttrain.trainer import Trainer
+The names below are imported on first use, so `disttrain` on the command line (composition, launch)
+starts without importing torch where it need not."""
 
-__all__ = ["ConfigError", "DistEnv", "TrainConfig", "Trainer", "distributed", "setup_distributed"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ConfigError": "disttrain.config",
+    "TrainConfig": "disttrain.config",
+    "DistEnv": "disttrain.dist",
+    "distributed": "disttrain.dist",
+    "setup_distributed": "disttrain.dist",
+    "Trainer": "disttrain.trainer",
+    "seed_everything": "disttrain.trainer",
+    "run": "disttrain.cli",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'disttrain' has no attribute {name!r}")

@@ -63,7 +63,7 @@ def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[
 
 
 def check_config(overrides: list[str], samples: int, world_size: int) -> TrainConfig:
-    from disttrain.cli import compose
+    from disttrain.compose import compose
 
     data = compose(overrides)
     # One clean step: no clipping (it would hide a difference), fp32 unless asked otherwise, no snapshots.

@@ -1,170 +1,91 @@
-"""`disttrain`: a Hydra app over `conf/train.yaml`.
+"""`disttrain`: the command line over Hydra's composition of disttrain's configs (and yours).
 
-    disttrain [OVERRIDE ...]           train where `launcher=` says (local by default)
-    disttrain --cfg [OVERRIDE ...]     print the composed, resolved config and exit
-    disttrain check [OVERRIDE ...]     compare one step's gradients under every strategy
-    disttrain plot RUN_DIR ... [-o F]  plot loss, grad norm and throughput of runs
+    disttrain [OVERRIDE ...]               train where `launcher=` says (local by default)
+    disttrain -m OVERRIDE=A,B ...          a sweep: one job per combination, one after the other
+                                           (launcher=slurm: one SLURM job each), then one table
+    disttrain --cfg [OVERRIDE ...]         print the composed, resolved config and exit
+    disttrain -cd DIR ... | --config-dir DIR
+                                           add your own config groups and options (DIR/model/*.yaml,
+                                           DIR/experiment/*.yaml, ...) beside the built-in ones
+    disttrain check [OVERRIDE ...]         compare one step's gradients under every strategy
+    disttrain plot RUN_DIR ... [-o F]      plot loss, grad norm and throughput of runs
 
 Examples:
     disttrain                                                    # one process, gloo on CPU
     disttrain launcher=torchrun launcher.nproc_per_node=2        # DDP, torchrun started for you
     torchrun --nproc-per-node=2 -m disttrain strategy=ddp        # DDP, torchrun started by you
     disttrain experiment=regression trainer.precision=bf16
-
-The config is composed with Hydra's compose API rather than `@hydra.main`: the app decides where the
-run dir is (rank 0's, shared with every worker), writes Hydra's record of the run (`.hydra/`) once, never
-changes the working directory, and turns every composition error into one line (exit 2).
+    disttrain -m optim.lr=0.1,0.03 trainer.seed=1,2              # 4 jobs
+    disttrain --config-dir conf experiment=big                   # your conf/experiment/big.yaml
 """
 
 from __future__ import annotations
 
-import difflib
-import os
+import argparse
 import sys
-import tempfile
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
-
-from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, validate, world_size_of
-from disttrain.dist import placement
-from disttrain.snapshot import SnapshotError, latest_manifest
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-_START = time.strftime("%Y-%m-%d_%H-%M-%S")
+from disttrain.compose import GROUPS, check_job, compose, group_options, write_run_files
+from disttrain.config import ConfigError, TrainConfig, load_config, to_yaml
+from disttrain.snapshot import SnapshotError
 
 
-def run_id() -> str:
-    """A name for this run that every process of one job agrees on, also after a restart or requeue:
-    the SLURM job id (array task included), else torchrun's rendezvous id, else the start time."""
-    env = os.environ
-    if "SLURM_ARRAY_JOB_ID" in env:
-        return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
-    if "SLURM_JOB_ID" in env:
-        return f"slurm-{env['SLURM_JOB_ID']}"
-    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}"
-    return _START
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, like every other bad input
+        raise ConfigError(message)
 
 
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+def _parse(args: Sequence[str]) -> argparse.Namespace:
+    parser = _Parser(prog="disttrain", add_help=False)
+    parser.add_argument("--cfg", action="store_true")
+    parser.add_argument("-m", "--multirun", action="store_true")
+    parser.add_argument("-cd", "--config-dir", action="append", default=[])
+    parser.add_argument("overrides", nargs="*")
+    return parser.parse_intermixed_args(args)
 
 
-def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def run(cfg: Any, overrides: Sequence[str] = ()) -> int:
+    """Run the job a composed config describes, as the command line does: where `launcher=` says, or as
+    one rank when this process was started by torchrun or srun. `cfg` is a TrainConfig, a plain dict or
+    the DictConfig a user's own `@hydra.main` app receives (see the README). Returns the exit code."""
+    from disttrain.config import register_resolvers
+    from disttrain.dist import placement
+
+    if not isinstance(cfg, TrainConfig):
+        from omegaconf import DictConfig, OmegaConf
+
+        register_resolvers()
+        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
+        cfg = load_config(data)
+    check_job(cfg)
+    where = placement()
+    if where.launched_by != "python":
+        # Started by torchrun or srun: this process is one rank; rank 0 records the run.
+        from disttrain.worker import build_dataset, finish, train
+
+        dataset = build_dataset(cfg, where.world_size)
+        if where.rank == 0:
+            write_run_files(cfg, overrides)
+        return finish(train(cfg, dataset))
+    from disttrain.launch import launch, preflight
+
+    preflight(cfg)
+    return launch(cfg, list(overrides))
 
 
-def _composition_error(e: Exception, overrides: list[str]) -> ConfigError:
-    from hydra.errors import MissingConfigException
-
-    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
-        group, option = e.missing_cfg_file.rsplit("/", 1)
-        choices = ", ".join(e.options or _group_options(group))
-        return ConfigError(f"{group}={option!r}: no such option in conf/{group}/; choose one of {choices}")
-    cause = e.__cause__
-    key = getattr(cause, "full_key", None)
-    if key and "not in struct" in str(cause):
-        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
-        parent, _, leaf = key.rpartition(".")
-        known = _known_keys(parent, [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != key])
-        close = difflib.get_close_matches(leaf, known, n=1)
-        hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
-        if parent in ("model", "data"):
-            hint += f" (to pass a new argument to the {parent} use +{key}={value})"
-        return ConfigError(f"{key}={value!r}: unknown key{hint}")
-    return ConfigError(" ".join(str(e).split("\n")[0:1]) or type(e).__name__)
-
-
-def _known_keys(parent: str, other_overrides: list[str]) -> list[str]:
-    """The keys that exist under `parent` once the other overrides are applied (for a spelling hint)."""
-    try:
-        node: Any = compose(other_overrides)
-    except ConfigError:
-        node = to_dict(TrainConfig())
-    for part in parent.split(".") if parent else []:
-        node = node.get(part, {}) if isinstance(node, dict) else {}
-    return list(node) if isinstance(node, dict) else []
-
-
-def compose(overrides: list[str]) -> dict[str, Any]:
-    """Compose conf/train.yaml with the user's overrides and resolve it: a plain dict."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-
-    register_resolvers()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            composed = hydra_compose("train", overrides=overrides)
-        return OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
-    except HydraException as e:
-        raise _composition_error(e, overrides) from None
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"{e.full_key}: required, and has no value (set {e.full_key}=...)") from None
-    except Exception as e:  # omegaconf's own errors: a bad interpolation, a type clash
-        raise ConfigError(str(e).split("\n")[0]) from None
-
-
-def prepare(overrides: list[str]) -> TrainConfig:
-    """Everything that can fail because of the user, checked before anything starts: the config's
-    values, the job's shape, the run dir, and whether an existing snapshot belongs to this run."""
-    cfg = load_config(compose(overrides))
-    world_size = world_size_of(cfg)
-    validate(cfg, world_size)
-    check_run_dir(cfg, world_size)
-    return cfg
-
-
-def check_run_dir(cfg: TrainConfig, world_size: int) -> None:
-    from disttrain.trainer import resume_mismatch
-
-    run_dir = Path(cfg.run_dir)
-    # Probe the nearest existing ancestor: a dry run or a refused job must not leave directories behind.
-    existing = next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(20, "Not a directory")
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".disttrain-write-test"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"run_dir={cfg.run_dir!r}: not writable ({e.strerror})") from None
-    manifest = latest_manifest(run_dir)
-    if manifest is not None:
-        mismatch = resume_mismatch(manifest, cfg, world_size)
-        if mismatch:
-            raise ConfigError(f"run_dir={cfg.run_dir!r}: cannot resume: {mismatch}")
-
-
-def freeze_config(cfg: TrainConfig, path: Path) -> Path:
-    """Write the resolved config that workers read (atomically: a worker never reads half of it)."""
-    from disttrain.snapshot import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path
-
-
-def write_run_files(cfg: TrainConfig, overrides: list[str]) -> Path:
-    """Rank 0's record of the run: the frozen config, and Hydra's `.hydra/` (config and overrides)."""
-    from disttrain.snapshot import atomic_write
-
-    hydra_dir = Path(cfg.run_dir) / ".hydra"
-    freeze_config(cfg, hydra_dir / "config.yaml")
-    atomic_write(hydra_dir / "overrides.yaml", lambda f: f.write(OmegaConf.to_yaml(overrides).encode()))
-    return freeze_config(cfg, Path(cfg.run_dir) / "config.yaml")
+def print_help() -> None:
+    print(__doc__.strip())
+    for group in GROUPS:
+        print(f"  {group}: {', '.join(group_options(group))}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        for group in ("strategy", "launcher", "model", "data", "logger", "experiment"):
-            print(f"  {group}: {', '.join(_group_options(group))}")
+        print_help()
         return 0
     if args and args[0] == "check":
         from disttrain.check import main as check_main
@@ -174,25 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         from disttrain.plot import main as plot_main
 
         return plot_main(args[1:])
+    from disttrain.dist import placement
     from disttrain.worker import configure_logging
 
-    where = placement()
-    configure_logging(where.rank)
+    configure_logging(placement().rank)
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        # The `disttrain` command finds the user's own `_target_`s in the directory it runs from, as
+        # `python -m disttrain` and torchrun's workers do (last, so nothing installed is shadowed).
+        sys.path.append(str(Path.cwd()))
     try:
-        if args and args[0] == "--cfg":
-            print(OmegaConf.to_yaml(to_dict(load_config(compose(args[1:])))), end="")
+        opts = _parse(args)
+        dirs = [Path(d) for d in opts.config_dir]
+        if opts.cfg:
+            print(to_yaml(load_config(compose(opts.overrides, dirs))), end="")
             return 0
-        cfg = prepare(args)
-        if where.launched_by != "python":
-            # Started by torchrun or srun: this process is one rank; rank 0 records the run.
-            if where.rank == 0:
-                write_run_files(cfg, args)
-            from disttrain.worker import finish, train
+        if opts.multirun:
+            from disttrain.sweep import run_sweep
 
-            return finish(train(cfg))
-        from disttrain.launch import launch
-
-        return launch(cfg, args)
+            return run_sweep(opts.overrides, dirs)
+        return run(load_config(compose(opts.overrides, dirs)), opts.overrides)
     except (ConfigError, SnapshotError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

@@ -1,9 +1,14 @@
-"""Typed configuration: one dataclass per config group, every field documented where it is defined.
+"""The schema: one dataclass per config group, every field documented where it is defined.
 
-Hydra composes `conf/train.yaml` and its groups into a plain dict; `load_config` turns that dict into
-these dataclasses, and `validate` checks every rule a user can break. Both raise `ConfigError` with one
-line naming the key, the value and the rule, so the CLI can print it and exit 2 before any process group
-starts and before any snapshot is touched.
+These dataclasses are the one source of defaults. Hydra composes the YAML options (`disttrain/conf/`,
+each saying only what it changes) over them as a structured config, so OmegaConf checks types and
+unknown keys while composing; `load_config` does the same for a plain dict (a frozen config a worker
+reads), and `validate` checks every rule a user can break. All of them raise `ConfigError` with one
+line naming the key, the value and the rule, so the CLI prints it and exits 2 before any process group
+starts and before any snapshot is touched, and the Python API refuses what the CLI refuses.
+
+Every number carries its range in the field's metadata (`_range`), so no number escapes a rule, NaN and
+infinity included. Machine probes (sbatch, sinfo, GPUs) are not here: they belong to the launchers.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import math
 import os
+import secrets
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +34,54 @@ LOSSES = ("auto", "cross_entropy", "mse")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine")
 ON_EXPLOSION = ("warn", "skip", "halve_lr")
+DEVICES = ("auto", "cpu", "cuda")
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
     """A user's mistake in the configuration: one line, no traceback, exit code 2."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: finite, and within [low, high] (`open_low`: low itself excluded)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def rule(self) -> str:
+        if self.high == math.inf:
+            if self.open_low:
+                return "must be positive" if self.low == 0 else f"must be above {self.low:g}"
+            return f"must be at least {self.low:g}"
+        left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+        return f"must be in {left}{self.low:g}, {self.high:g}{right}"
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+
+def _number(default: float, **range_: Any) -> Any:
+    return field(default=default, metadata={"range": Range(**range_)})
+
+
+def _choice(default: str, choices: tuple[str, ...]) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
 @dataclass
 class StrategyConfig:
     #: auto | single | ddp | dp. auto picks ddp when the job has more than one process, else single.
-    name: str = "auto"
+    name: str = _choice("auto", STRATEGIES)
     #: DDP: size of a gradient all-reduce bucket in MiB (torch's default is 25).
-    bucket_cap_mb: float = 25.0
+    bucket_cap_mb: float = _number(25.0, low=0, open_low=True)
     #: DDP: let gradients be views into the all-reduce buckets (saves one copy and memory per step).
     gradient_as_bucket_view: bool = True
     #: DDP: the autograd graph is the same every step (lets DDP skip per-step graph bookkeeping).
@@ -49,15 +93,15 @@ class StrategyConfig:
 @dataclass
 class LauncherConfig:
     #: local | torchrun | multinode | slurm: where the training processes run.
-    name: str = "local"
+    name: str = _choice("local", LAUNCHERS)
     #: Print the exact command (or sbatch script) that would run, and start nothing.
     dry_run: bool = False
     #: torchrun/multinode/slurm: worker processes per node (GPUs per node on a GPU machine).
-    nproc_per_node: int = 1
+    nproc_per_node: int = _number(1, low=1)
     #: multinode: number of machines in the job.
-    nnodes: int = 1
+    nnodes: int = _number(1, low=1)
     #: multinode: this machine's index, 0 .. nnodes-1 (node 0 hosts the rendezvous store).
-    node_rank: int = 0
+    node_rank: int = _number(0, low=0)
     #: multinode: HOST:PORT of the c10d rendezvous store, reachable from every node.
     rdzv_endpoint: str = ""
     #: multinode: a job id shared by all nodes of one job (keeps two jobs on one endpoint apart).
@@ -65,13 +109,13 @@ class LauncherConfig:
     #: multinode: this node's own address as the other nodes reach it ("" lets torchrun use the hostname).
     local_addr: str = ""
     #: torchrun: how often torchrun restarts a failed worker group (each restart resumes from a snapshot).
-    max_restarts: int = 0
+    max_restarts: int = _number(0, low=0)
     #: slurm: number of nodes to ask for (one srun task per node, each running torchrun).
-    nodes: int = 1
+    nodes: int = _number(1, low=1)
     #: slurm: GPUs per node to ask for (0 on CPU clusters); also the number of workers per node when > 0.
-    gpus_per_node: int = 0
+    gpus_per_node: int = _number(0, low=0)
     #: slurm: CPU cores per task (per node, since there is one task per node).
-    cpus_per_task: int = 1
+    cpus_per_task: int = _number(1, low=1)
     #: slurm: partition to submit to ("" uses the cluster's default).
     partition: str = ""
     #: slurm: the job's time limit, as sbatch takes it (e.g. 01:00:00).
@@ -81,7 +125,7 @@ class LauncherConfig:
     #: slurm: signal sent before the time limit; the trainer snapshots and requeues on it.
     signal: str = "USR2"
     #: slurm: how many seconds before the time limit that signal comes.
-    signal_seconds: int = 120
+    signal_seconds: int = _number(120, low=0)
     #: slurm: block until the job ends and exit with its exit code.
     wait: bool = False
     #: slurm: further `#SBATCH` lines, e.g. ["--qos=high", "--constraint=a100"].
@@ -91,71 +135,71 @@ class LauncherConfig:
 @dataclass
 class TrainerConfig:
     #: Passes over the training split. The run ends at max_epochs or max_steps, whichever comes first.
-    max_epochs: int = 5
+    max_epochs: int = _number(5, low=1)
     #: Optimizer steps after which the run ends (0: no limit).
-    max_steps: int = 0
+    max_steps: int = _number(0, low=0)
     #: Samples per micro-batch on each process (the global batch is batch_size × accumulate × processes).
-    batch_size: int = 64
+    batch_size: int = _number(64, low=1)
     #: Micro-batches whose gradients add up into one optimizer step.
-    accumulate: int = 1
+    accumulate: int = _number(1, low=1)
     #: fp32 | bf16 | fp16. bf16 and fp16 run the forward under autocast; fp16 adds a GradScaler.
-    precision: str = "fp32"
+    precision: str = _choice("fp32", PRECISIONS)
     #: Clip the global gradient norm to this value before each step (0: off; the norm is still logged).
-    grad_clip_norm: float = 1.0
+    grad_clip_norm: float = _number(1.0, low=0)
     #: Seed of model initialisation, data order and every RNG.
-    seed: int = 2147483647
+    seed: int = _number(2147483647, low=0, high=2**63 - 1)
     #: auto | cross_entropy | mse. auto takes the dataset's `loss` attribute, else cross_entropy.
-    loss: str = "auto"
+    loss: str = _choice("auto", LOSSES)
     #: Share of the dataset held out for validation (the last samples; 0: no validation).
-    val_fraction: float = 0.1
+    val_fraction: float = _number(0.1, low=0, high=1, open_high=True)
     #: Validate every N optimizer steps (0: only at the end of each epoch).
-    val_every_steps: int = 0
+    val_every_steps: int = _number(0, low=0)
     #: Stop after this many validations without improvement (0: never stop early).
-    early_stop_patience: int = 0
+    early_stop_patience: int = _number(0, low=0)
     #: DataLoader worker processes per training process.
-    num_workers: int = 0
+    num_workers: int = _number(0, low=0)
     #: Intra-op CPU threads per process (0: leave torch's default). Fix it to compare runs bit for bit:
     #: torchrun sets OMP_NUM_THREADS=1 only when it starts more than one process on a node.
-    num_threads: int = 0
+    num_threads: int = _number(0, low=0)
     #: auto | cpu | cuda. auto takes the GPU of this process's local rank when CUDA is available.
-    device: str = "auto"
+    device: str = _choice("auto", DEVICES)
     #: Seconds a collective may wait for the other ranks before the job fails (init_process_group timeout).
-    timeout_s: float = 600.0
+    timeout_s: float = _number(600.0, low=1)
     #: Print a progress line every N optimizer steps when stdout is not a terminal (on a terminal rank 0
     #: draws a tqdm bar instead).
-    log_every_steps: int = 200
+    log_every_steps: int = _number(200, low=1)
     #: Peak dense TFLOP/s of one device at the run's precision, for MFU in metrics.jsonl (0: look the GPU
     #: up in disttrain.metrics.PEAK_TFLOPS; no MFU on CPU or an unknown GPU unless set here). MFU needs a
     #: model that declares `flops_per_sample` (a number, or a method with no arguments).
-    peak_tflops: float = 0.0
+    peak_tflops: float = _number(0.0, low=0)
 
 
 @dataclass
 class OptimConfig:
     #: sgd | adamw.
-    name: str = "sgd"
+    name: str = _choice("sgd", OPTIMIZERS)
     #: Peak learning rate.
-    lr: float = 0.1
+    lr: float = _number(0.1, low=0, open_low=True)
     #: sgd: momentum.
-    momentum: float = 0.9
+    momentum: float = _number(0.9, low=0, high=1, open_high=True)
     #: Decoupled weight decay (adamw) or L2 penalty (sgd).
-    weight_decay: float = 0.0
-    #: adamw: the two beta coefficients.
+    weight_decay: float = _number(0.0, low=0)
+    #: adamw: the two beta coefficients, each in [0, 1).
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     #: constant | cosine (cosine decays to min_lr_ratio × lr over the whole run).
-    schedule: str = "constant"
+    schedule: str = _choice("constant", SCHEDULES)
     #: Optimizer steps of linear warm-up from 0 to lr.
-    warmup_steps: int = 0
+    warmup_steps: int = _number(0, low=0)
     #: cosine: the floor, as a fraction of lr.
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = _number(0.1, low=0, high=1)
 
 
 @dataclass
 class SnapshotConfig:
     #: Write a snapshot every N optimizer steps (0: only at the end of each epoch and of the run).
-    every_steps: int = 0
+    every_steps: int = _number(0, low=0)
     #: How many verified snapshots to keep; older ones are deleted, the newest good one never.
-    keep_last: int = 2
+    keep_last: int = _number(2, low=1)
 
 
 @dataclass
@@ -168,24 +212,24 @@ class HealthConfig:
     #: trainer.grad_clip_norm; detection needs clipping on). warn: log it, clip and step as usual.
     #: skip: do not step. halve_lr: clip and step, and after `patience` explosions in a row halve the
     #: learning rate (its schedule's base) for the rest of the run.
-    on_explosion: str = "warn"
+    on_explosion: str = _choice("warn", ON_EXPLOSION)
     #: An explosion is a norm above this many times trainer.grad_clip_norm (the seed's SafeOptimizer: 10).
-    explosion_factor: float = 10.0
+    explosion_factor: float = _number(10.0, low=1)
     #: halve_lr: explosions in a row that halve the learning rate (the count then starts again).
-    patience: int = 5
+    patience: int = _number(5, low=1)
     #: Write each module's gradient norm into metrics.jsonl (`grad_flow`) every N steps (0: never).
-    grad_flow_every: int = 0
+    grad_flow_every: int = _number(0, low=0)
 
 
 @dataclass
 class LoggerConfig:
     #: none | wandb. Only rank 0 logs. The wandb run id is kept in run_dir and in every snapshot, so a
     #: resumed, restarted or requeued job continues the same run.
-    name: str = "none"
+    name: str = _choice("none", LOGGERS)
     #: wandb: project name.
     project: str = "disttrain"
     #: wandb: online | offline | disabled.
-    mode: str = "offline"
+    mode: str = _choice("offline", WANDB_MODES)
 
 
 @dataclass
@@ -193,7 +237,8 @@ class TrainConfig:
     #: Names the experiment; part of the default run_dir.
     name: str = "default"
     #: Where config, metrics, snapshots and summary go. Running again with the same run_dir resumes.
-    run_dir: str = "runs/default"
+    #: `${run_id:}` is one value for every process of a job (see `run_id`), the same after a requeue.
+    run_dir: str = "runs/${name}/${run_id:}"
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -201,71 +246,195 @@ class TrainConfig:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    #: `_target_` (a class or function returning an nn.Module) and its keyword arguments.
-    model: dict[str, Any] = field(default_factory=lambda: {"_target_": "disttrain.models.MLPLanguageModel"})
-    #: `_target_` (a class or function returning a map-style Dataset) and its keyword arguments.
-    data: dict[str, Any] = field(default_factory=lambda: {"_target_": "disttrain.data.TokenCorpus"})
+    #: `_target_` (a class or function returning an nn.Module) and its keyword arguments. Empty when the
+    #: model is built in Python and handed to the Trainer.
+    model: dict[str, Any] = field(default_factory=dict)
+    #: `_target_` (a class or function returning a map-style Dataset) and its keyword arguments. Empty
+    #: when the dataset is built in Python.
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+# ==== run ids =============================================================================================
+
+_JOB_ID = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{secrets.token_hex(3)}"
+
+
+def run_id(environ: typing.Mapping[str, str] = os.environ) -> str:
+    """A name for this run that every process of one job agrees on, also after a restart or requeue:
+    the SLURM job id (array task included), else torchrun's rendezvous id, else the start time with a
+    random suffix (jobs started in the same second never share a run dir)."""
+    if "SLURM_ARRAY_JOB_ID" in environ:
+        return f"slurm-{environ['SLURM_ARRAY_JOB_ID']}_{environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if "SLURM_JOB_ID" in environ:
+        return f"slurm-{environ['SLURM_JOB_ID']}"
+    if environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{environ['TORCHELASTIC_RUN_ID']}"
+    return _JOB_ID
+
+
+def register_resolvers() -> None:
+    """`${run_id:}` in configs (run_dir's default): Hydra composition and frozen configs alike."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("run_id", run_id, replace=True)
+
+
+# ==== loading: types and unknown keys ====================================================================
 
 
 def _fail(key: str, value: Any, rule: str) -> typing.NoReturn:
     raise ConfigError(f"{key}={value!r}: {rule}")
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            _fail(key, value, "must be a mapping")
-        return _build(annotation, value, key)
-    if annotation is bool:
-        if not isinstance(value, bool):
-            _fail(key, value, "must be true or false")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            _fail(key, value, "must be an integer")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(key, value, "must be a number")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            _fail(key, value, "must be a string")
-        return str(value)
-    if origin is list:
-        if not isinstance(value, list):
-            _fail(key, value, "must be a list")
-        (item,) = typing.get_args(annotation)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            _fail(key, value, "must be a mapping")
-        return dict(value)
-    return value
+def _field_type(key: str) -> Any:
+    """The annotation of the dotted `key` in TrainConfig, or None when it is not a schema field."""
+    cls: Any = TrainConfig
+    annotation: Any = None
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        annotation = cls = hints[part]
+    return annotation
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}{'.' if prefix else ''}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
-            _fail(full, value, f"unknown key{hint}")
-        kwargs[key] = _coerce(full, value, hints[key])
-    return cls(**kwargs)
+_TYPE_RULES = {int: "must be an integer", float: "must be a number", bool: "must be true or false"}
+
+
+def type_rule(key: str) -> str:
+    """What a value of the schema field `key` must be, in words."""
+    annotation = _field_type(key)
+    if annotation in _TYPE_RULES:
+        return _TYPE_RULES[annotation]
+    if dataclasses.is_dataclass(annotation) or typing.get_origin(annotation) is dict:
+        return "must be a mapping"
+    if typing.get_origin(annotation) is list:
+        return "must be a list"
+    return "must be a string"
+
+
+def known_keys(parent: str) -> list[str]:
+    """The schema's keys under `parent` (for a spelling hint)."""
+    annotation = _field_type(parent) if parent else TrainConfig
+    return [f.name for f in dataclasses.fields(annotation)] if dataclasses.is_dataclass(annotation) else []
+
+
+def unknown_key(key: str, value: Any, candidates: list[str] | None = None) -> ConfigError:
+    parent, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, known_keys(parent) if candidates is None else candidates, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    return ConfigError(f"{key}={value!r}: unknown key{hint}")
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def omegaconf_error(e: Exception, data: Any = None) -> ConfigError:
+    """OmegaConf's own type or key error as one of disttrain's lines."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    key = str(getattr(e, "full_key", "") or "")
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and "not in" in str(e):
+        leaf = str(getattr(e, "key", "")) or key.rpartition(".")[2]
+        key = key if key.endswith(leaf) else f"{key}.{leaf}".lstrip(".")
+        return unknown_key(key, _lookup(data, key))
+    if isinstance(e, ValidationError) and key:
+        value = getattr(e, "value", None)
+        return ConfigError(f"{key}={value!r}: {type_rule(key)}")
+    return ConfigError(str(e).split("\n")[0])
 
 
 def load_config(data: dict[str, Any]) -> TrainConfig:
-    """Turn a composed (and resolved) config dict into a TrainConfig; unknown keys and wrong types fail."""
-    return _build(TrainConfig, data)
+    """A TrainConfig from a plain dict (a composed or frozen config): types are checked and converted by
+    OmegaConf against the schema; unknown keys and wrong types fail in one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise omegaconf_error(e, data) from None
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def checked(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """`cfg` as the CLI would have built it: a config built in Python gets the same type checks and
+    conversions (a string "4" for an int field, say), then the same rules for its values and for a job
+    of `world_size` processes (the Python API builds its own model and data: no `_target_`s)."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"cfg={type(cfg).__name__}: must be a disttrain.TrainConfig")
+    cfg = load_config(to_dict(cfg))
+    validate_values(cfg)
+    _validate_world(cfg, world_size)
+    return cfg
+
+
+# ==== the rules ===========================================================================================
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Every number within its range, every choice among its options, recursively."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{key}.")
+        elif (range_ := f.metadata.get("range")) is not None and not range_.holds(value):
+            _fail(key, value, range_.rule() if math.isfinite(value) else "must be a finite number")
+        elif (choices := f.metadata.get("choices")) is not None and value not in choices:
+            _fail(key, value, f"must be one of {', '.join(choices)}")
+
+
+def validate_values(cfg: TrainConfig) -> None:
+    """The rules the values themselves say (no job shape, no imports, no machine): shared by the CLI and
+    the Python API."""
+    _check_fields(cfg, "")
+    t, o, h = cfg.trainer, cfg.optim, cfg.health
+    if len(o.betas) != 2 or not all(Range(0, 1, open_high=True).holds(b) for b in o.betas):
+        _fail("optim.betas", o.betas, "must be two numbers in [0, 1)")
+    if t.early_stop_patience and not t.val_fraction:
+        _fail("trainer.early_stop_patience", t.early_stop_patience, "needs trainer.val_fraction > 0")
+    if h.on_explosion != "warn" and not t.grad_clip_norm:
+        _fail(
+            "health.on_explosion",
+            h.on_explosion,
+            "needs trainer.grad_clip_norm > 0 (an explosion is a norm above "
+            "health.explosion_factor × trainer.grad_clip_norm)",
+        )
+    if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
+        _fail("logger", "wandb", "needs the wandb package: pip install 'disttrain[wandb]'")
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
+    """Every rule of a job the CLI launches: the values, the job's shape, and the model's and data's
+    `_target_`s with their arguments. Raises ConfigError with one line on the first broken rule."""
+    world_size = world_size_of(cfg) if world_size is None else world_size
+    validate_values(cfg)
+    _validate_world(cfg, world_size)
+    _validate_launcher(cfg.launcher)
+    for group in ("model", "data"):
+        if not getattr(cfg, group):
+            _fail(group, {}, f"needs a _target_ (choose an option: {group}=NAME, or set {group}._target_)")
+    resolve_target("model", cfg.model)
+    _, data_kwargs = resolve_target("data", cfg.data)
+    for key, value in data_kwargs.items():
+        # Dataset arguments that name files are checked here, where the error is cheap and early.
+        if (key == "path" or key.endswith(("_path", "_file"))) and not Path(str(value)).is_file():
+            _fail(f"data.{key}", value, "no such file")
 
 
 def resolve_target(key: str, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -292,16 +461,6 @@ def resolve_target(key: str, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]
     return obj, kwargs
 
 
-def _one_of(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        _fail(key, value, f"must be one of {', '.join(choices)}")
-
-
-def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
-        _fail(key, value, f"must be at least {low:g}")
-
-
 def world_size_of(cfg: TrainConfig, environ: typing.Mapping[str, str] = os.environ) -> int:
     """Processes the job will have: from the environment inside a launched job, else from the launcher."""
     if "WORLD_SIZE" in environ:
@@ -326,84 +485,6 @@ def resolve_strategy(cfg: TrainConfig, world_size: int) -> str:
     return name
 
 
-def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
-    """Check every rule a user can break; raise ConfigError with one line on the first broken one."""
-    world_size = world_size_of(cfg) if world_size is None else world_size
-    t, o, s = cfg.trainer, cfg.optim, cfg.snapshot
-    _one_of("strategy", cfg.strategy.name, STRATEGIES)
-    _at_least("strategy.bucket_cap_mb", cfg.strategy.bucket_cap_mb, 0.001)
-    _one_of("launcher", cfg.launcher.name, LAUNCHERS)
-    _at_least("trainer.max_epochs", t.max_epochs, 1)
-    _at_least("trainer.max_steps", t.max_steps, 0)
-    _at_least("trainer.batch_size", t.batch_size, 1)
-    _at_least("trainer.accumulate", t.accumulate, 1)
-    _one_of("trainer.precision", t.precision, PRECISIONS)
-    _at_least("trainer.grad_clip_norm", t.grad_clip_norm, 0)
-    _one_of("trainer.loss", t.loss, LOSSES)
-    if not 0 <= t.val_fraction < 1:
-        _fail("trainer.val_fraction", t.val_fraction, "must be in [0, 1)")
-    _at_least("trainer.val_every_steps", t.val_every_steps, 0)
-    _at_least("trainer.early_stop_patience", t.early_stop_patience, 0)
-    if t.early_stop_patience and not t.val_fraction:
-        _fail("trainer.early_stop_patience", t.early_stop_patience, "needs trainer.val_fraction > 0")
-    _at_least("trainer.num_workers", t.num_workers, 0)
-    _at_least("trainer.num_threads", t.num_threads, 0)
-    _one_of("trainer.device", t.device, ("auto", "cpu", "cuda"))
-    _at_least("trainer.timeout_s", t.timeout_s, 1)
-    _at_least("trainer.log_every_steps", t.log_every_steps, 1)
-    _at_least("trainer.peak_tflops", t.peak_tflops, 0)
-    _one_of("optim.name", o.name, OPTIMIZERS)
-    if o.lr <= 0:
-        _fail("optim.lr", o.lr, "must be positive")
-    _one_of("optim.schedule", o.schedule, SCHEDULES)
-    _at_least("optim.warmup_steps", o.warmup_steps, 0)
-    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
-        _fail("optim.betas", o.betas, "must be two numbers in [0, 1)")
-    _at_least("snapshot.every_steps", s.every_steps, 0)
-    _at_least("snapshot.keep_last", s.keep_last, 1)
-    _validate_health(cfg.health, t)
-    _one_of("logger", cfg.logger.name, ("none", "wandb"))
-    if cfg.logger.name == "wandb" and importlib.util.find_spec("wandb") is None:
-        _fail("logger", "wandb", "needs the wandb package: pip install 'disttrain[wandb]'")
-    _one_of("logger.mode", cfg.logger.mode, ("online", "offline", "disabled"))
-    _validate_precision(t)
-    _validate_world(cfg, world_size)
-    _validate_launcher(cfg)
-    resolve_target("model", cfg.model)
-    _, data_kwargs = resolve_target("data", cfg.data)
-    for key, value in data_kwargs.items():
-        # Dataset arguments that name files are checked here, where the error is cheap and early.
-        if (key == "path" or key.endswith(("_path", "_file"))) and not Path(str(value)).is_file():
-            _fail(f"data.{key}", value, "no such file")
-
-
-def _validate_health(h: HealthConfig, t: TrainerConfig) -> None:
-    _one_of("health.on_explosion", h.on_explosion, ON_EXPLOSION)
-    _at_least("health.explosion_factor", h.explosion_factor, 1)
-    _at_least("health.patience", h.patience, 1)
-    _at_least("health.grad_flow_every", h.grad_flow_every, 0)
-    if h.on_explosion != "warn" and not t.grad_clip_norm:
-        _fail(
-            "health.on_explosion",
-            h.on_explosion,
-            "needs trainer.grad_clip_norm > 0 (an explosion is a norm above "
-            "health.explosion_factor × trainer.grad_clip_norm)",
-        )
-
-
-def _validate_precision(t: TrainerConfig) -> None:
-    if t.device == "cpu" or (t.device == "auto" and t.precision == "fp32"):
-        return  # bf16 and fp16 autocast both run on CPU; only a GPU can lack them
-    import torch
-
-    if not torch.cuda.is_available():
-        if t.device == "cuda":
-            _fail("trainer.device", t.device, "CUDA is not available on this machine")
-        return
-    if t.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        _fail("trainer.precision", t.precision, "this GPU does not support bf16; use fp16")
-
-
 def _validate_world(cfg: TrainConfig, world_size: int) -> None:
     name = cfg.strategy.name
     if name == "ddp" and world_size == 1:
@@ -417,52 +498,53 @@ def _validate_world(cfg: TrainConfig, world_size: int) -> None:
         _fail("strategy", name, f"runs in one process but this job has {world_size}; use strategy=ddp")
 
 
-def _validate_launcher(cfg: TrainConfig) -> None:
-    """Launch rules, checked before anything starts: the job's shape, the rendezvous address, and for
-    SLURM that sbatch exists and the nodes have the GPUs asked for (a dry run talks to no cluster)."""
-    launcher = cfg.launcher
-    _at_least("launcher.nproc_per_node", launcher.nproc_per_node, 1)
-    _at_least("launcher.max_restarts", launcher.max_restarts, 0)
+def _validate_launcher(launcher: LauncherConfig) -> None:
+    """The job's shape and addresses as the values say them (what the machine has is the launchers'
+    pre-flight, `disttrain.launch.preflight`)."""
+    import signal
+
     if launcher.name == "multinode":
-        _at_least("launcher.nnodes", launcher.nnodes, 1)
-        if not 0 <= launcher.node_rank < launcher.nnodes:
+        if launcher.node_rank >= launcher.nnodes:
             _fail("launcher.node_rank", launcher.node_rank, f"must be in 0..{launcher.nnodes - 1}")
         host, _, port = launcher.rdzv_endpoint.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             _fail("launcher.rdzv_endpoint", launcher.rdzv_endpoint, "must be HOST:PORT, e.g. node0:29400")
-    if launcher.name in ("torchrun", "multinode") and cfg.trainer.device != "cpu":
-        _validate_local_gpus("launcher.nproc_per_node", launcher.nproc_per_node, cfg.trainer.device)
-    if launcher.name == "slurm":
-        _validate_slurm(launcher)
-
-
-def _validate_local_gpus(key: str, wanted: int, device: str) -> None:
-    import torch
-
-    have = torch.cuda.device_count()
-    if (have or device == "cuda") and wanted > have:
-        _fail(key, wanted, f"this node has {have} GPU{'s' if have != 1 else ''}")
-
-
-def _validate_slurm(launcher: LauncherConfig) -> None:
-    import signal
-
-    _at_least("launcher.nodes", launcher.nodes, 1)
-    _at_least("launcher.gpus_per_node", launcher.gpus_per_node, 0)
-    _at_least("launcher.cpus_per_task", launcher.cpus_per_task, 1)
-    _at_least("launcher.signal_seconds", launcher.signal_seconds, 0)
-    if f"SIG{launcher.signal}" not in signal.Signals.__members__:
+    if launcher.name == "slurm" and f"SIG{launcher.signal}" not in signal.Signals.__members__:
         _fail("launcher.signal", launcher.signal, "must be a signal name without SIG, e.g. USR2")
-    if launcher.dry_run:
-        return
-    from disttrain.launch.slurm import partition_gpus, sbatch_missing
 
-    missing = sbatch_missing()
-    if missing:
-        _fail("launcher", "slurm", missing)
-    if launcher.gpus_per_node:
-        have = partition_gpus(launcher.partition)
-        if have is not None and launcher.gpus_per_node > have:
-            where = f"partition {launcher.partition!r}" if launcher.partition else "the default partition"
-            rule = f"nodes of {where} have at most {have} (sinfo)"
-            _fail("launcher.gpus_per_node", launcher.gpus_per_node, rule)
+
+# ==== resuming ============================================================================================
+
+#: Config keys a resumed run must share with the run that wrote the snapshot: change any of them and
+#: the snapshot no longer describes this run (shapes, data order, or the meaning of a step differ).
+RESUME_KEYS = (
+    "model",
+    "data",
+    "trainer.batch_size",
+    "trainer.accumulate",
+    "trainer.seed",
+    "trainer.val_fraction",
+    "trainer.precision",
+    "trainer.loss",
+    "optim.name",
+)
+
+
+def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> str | None:
+    """One line naming what differs between a snapshot's manifest and this run, or None."""
+    if saved.get("world_size") != world_size:
+        return (
+            f"the snapshot was written by {saved.get('world_size')} processes and this job has {world_size}: "
+            f"resume with {saved.get('world_size')} processes, or start a new run_dir"
+        )
+    now = to_dict(cfg)
+    for key in RESUME_KEYS:
+        before, after = _lookup(saved.get("config", {}), key), _lookup(now, key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            for sub in sorted(set(before) | set(after)):
+                if before.get(sub) != after.get(sub):
+                    key, before, after = f"{key}.{sub}", before.get(sub), after.get(sub)
+                    break
+        if before != after:
+            return f"{key} was {before!r} when the snapshot was written and is {after!r} now"
+    return None

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, Subset
+
+from disttrain.config import ConfigError, TrainerConfig
 
 # torchdata calls a deprecated torch hook on import; the warning is noise for users.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -107,16 +109,46 @@ class RandomRegression(Dataset):
         return self.x[i], self.y[i]
 
 
-def split(dataset: Dataset, val_fraction: float) -> tuple[Dataset, Dataset | None]:
-    """Hold out the last `val_fraction` of the samples (contiguous, so no sample leaks across)."""
-    n = len(dataset)  # type: ignore[arg-type]
-    n_val = int(n * val_fraction)
-    if n_val == 0:
-        return dataset, None
-    return (
-        torch.utils.data.Subset(dataset, range(n - n_val)),
-        torch.utils.data.Subset(dataset, range(n - n_val, n)),
-    )
+def training_splits(
+    dataset: Dataset, val_dataset: Dataset | None, trainer: TrainerConfig, world_size: int
+) -> tuple[Dataset, Dataset | None]:
+    """The training and validation splits: `val_dataset` if given, else the last `trainer.val_fraction`
+    of `dataset` held out (contiguous, so no sample leaks across). Refused in one line (ConfigError)
+    when a split is too small to use: an empty dataset would never end an epoch, a training split
+    smaller than one optimizer step would never make a whole one, and a held-out share that rounds to
+    no sample would silently turn validation off."""
+    n = _length("data", dataset)
+    if n == 0:
+        raise ConfigError("data: the dataset has no samples")
+    if val_dataset is None and trainer.val_fraction:
+        n_val = int(n * trainer.val_fraction)
+        if n_val == 0:
+            raise ConfigError(
+                f"trainer.val_fraction={trainer.val_fraction!r}: holds out no sample of the dataset's {n} "
+                "(raise it, or set 0 to train without validation)"
+            )
+        val_dataset = Subset(dataset, range(n - n_val, n))
+        dataset = Subset(dataset, range(n - n_val))
+    elif val_dataset is not None and _length("val_dataset", val_dataset) == 0:
+        raise ConfigError("val_dataset: has no samples")
+    step = world_size * trainer.batch_size * trainer.accumulate
+    if len(dataset) < step:  # type: ignore[arg-type]
+        raise ConfigError(
+            f"data: the training split has {len(dataset)} samples, fewer than one optimizer step takes "  # type: ignore[arg-type]
+            f"({world_size} process{'es' if world_size > 1 else ''} × trainer.batch_size "
+            f"{trainer.batch_size} × trainer.accumulate {trainer.accumulate} = {step})"
+        )
+    return dataset, val_dataset
+
+
+def _length(key: str, dataset: Dataset) -> int:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        raise ConfigError(
+            f"{key}: {type(dataset).__name__} has no len(); the Trainer needs a map-style dataset "
+            "(__len__ and __getitem__)"
+        ) from None
 
 
 def make_loader(

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 import torch
 import torch.distributed as dist
 
+from disttrain.config import TrainConfig, to_yaml
 from disttrain.dist import DistEnv
 
 log = logging.getLogger("disttrain")
@@ -116,6 +117,15 @@ def atomic_write(path: Path, write: Callable[[Any], Any]) -> str:
         raise
     fsync_dir(path.parent)
     return sha
+
+
+def freeze_config(cfg: TrainConfig, path: Path) -> Path:
+    """Write the resolved config that workers read, and that records a run (atomically: a worker never
+    reads half of it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = to_yaml(cfg)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path
 
 
 def sha256_file(path: Path, fsync: bool = False) -> str:

@@ -30,9 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain.config import OptimConfig, TrainConfig, resolve_strategy, to_dict
-from disttrain.data import make_loader, split
-from disttrain.dist import DistEnv, setup_distributed, teardown
+from disttrain.config import (
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    checked,
+    resolve_strategy,
+    resume_mismatch,
+    to_dict,
+)
+from disttrain.data import make_loader, training_splits
+from disttrain.dist import DistEnv, placement, setup_distributed, teardown
 from disttrain.health import GradHealth, Verdict, grad_flow, halve_lr
 from disttrain.metrics import MetricsLog, params_sha256, peak_samples_per_s, read_metrics, write_summary
 from disttrain.progress import Progress, WandbRun
@@ -49,20 +57,6 @@ LossFn = Callable[..., torch.Tensor]
 
 #: Seconds of training between two agreements of the ranks on a stop signal (_stop_requested_anywhere).
 STOP_CHECK_SECONDS = 0.1
-
-#: Config keys a resumed run must share with the run that wrote the snapshot: change any of them and
-#: the snapshot no longer describes this run (shapes, data order, or the meaning of a step differ).
-RESUME_KEYS = (
-    "model",
-    "data",
-    "trainer.batch_size",
-    "trainer.accumulate",
-    "trainer.seed",
-    "trainer.val_fraction",
-    "trainer.precision",
-    "trainer.loss",
-    "optim.name",
-)
 
 
 def cross_entropy(out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -86,6 +80,18 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
+def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """An optimizer built over another model's parameters would step those and train nothing."""
+    own = {id(p) for p in model.parameters()}
+    held = [p for group in optimizer.param_groups for p in group["params"]]
+    foreign = sum(id(p) not in own for p in held)
+    if foreign:
+        raise ConfigError(
+            f"optimizer: {foreign} of its {len(held)} parameters are not the model's, so training would "
+            "not change the model; build the optimizer from this model's parameters()"
+        )
+
+
 def make_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -96,32 +102,6 @@ def make_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_ste
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def get_config_value(config: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        config = config.get(part) if isinstance(config, dict) else None
-    return config
-
-
-def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> str | None:
-    """One line naming what differs between a snapshot's manifest and this run, or None."""
-    if saved.get("world_size") != world_size:
-        return (
-            f"the snapshot was written by {saved.get('world_size')} processes and this job has {world_size}: "
-            f"resume with {saved.get('world_size')} processes, or start a new run_dir"
-        )
-    now = to_dict(cfg)
-    for key in RESUME_KEYS:
-        before, after = get_config_value(saved.get("config", {}), key), get_config_value(now, key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            for sub in sorted(set(before) | set(after)):
-                if before.get(sub) != after.get(sub):
-                    key, before, after = f"{key}.{sub}", before.get(sub), after.get(sub)
-                    break
-        if before != after:
-            return f"{key} was {before!r} when the snapshot was written and is {after!r} now"
-    return None
 
 
 @dataclass
@@ -222,8 +202,19 @@ class Trainer:
         scheduler: Any = None,
         env: DistEnv | None = None,
     ) -> None:
-        self.cfg = cfg = cfg or TrainConfig()
+        # Everything a user can get wrong is refused here, before a process group exists: the same
+        # rules as the CLI's, and what only the objects can tell (optimizer, dataset sizes).
+        world_size = env.world_size if env is not None else placement().world_size
+        self.cfg = cfg = checked(cfg or TrainConfig(), world_size)
         t = cfg.trainer
+        _check_optimizer(optimizer, model)
+        # What the dataset declares is read before training_splits() wraps it in a Subset: a vocabulary
+        # (token datasets) and its loss.
+        self.counts_tokens = hasattr(dataset, "vocab_size")
+        self.loss_fn = (
+            loss_fn or LOSSES[t.loss if t.loss != "auto" else getattr(dataset, "loss", "cross_entropy")]
+        )
+        dataset, val_dataset = training_splits(dataset, val_dataset, t, world_size)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self._owns_process_group = env is None and not dist.is_initialized()
@@ -233,13 +224,6 @@ class Trainer:
         self.model = self.strategy.wrap(model.to(self.env.device))
         self.module = self.strategy.unwrap(self.model)  # what snapshots save and hashes cover
         self.optimizer = optimizer
-        self.loss_fn = (
-            loss_fn or LOSSES[t.loss if t.loss != "auto" else getattr(dataset, "loss", "cross_entropy")]
-        )
-        # Token datasets declare a vocabulary; read before split() wraps the dataset in a Subset.
-        self.counts_tokens = hasattr(dataset, "vocab_size")
-        if val_dataset is None and t.val_fraction:
-            dataset, val_dataset = split(dataset, t.val_fraction)
         pin = self.env.device.type == "cuda"
         self.sampler = self.strategy.sampler(dataset, shuffle=True, seed=t.seed)
         self.loader = make_loader(dataset, self.sampler, t.batch_size, t.num_workers, pin)

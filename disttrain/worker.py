@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.utils.data import Dataset
 
-from disttrain.config import ConfigError, TrainConfig, load_config, to_dict
+from disttrain.config import ConfigError, TrainConfig, load_config, register_resolvers, to_dict
+from disttrain.data import training_splits
 from disttrain.dist import distributed, placement
-from disttrain.snapshot import SnapshotError
+from disttrain.snapshot import SnapshotError, freeze_config
 from disttrain.trainer import Trainer, make_optimizer
 
 log = logging.getLogger("disttrain")
@@ -31,40 +33,41 @@ log = logging.getLogger("disttrain")
 #: warning signal the sbatch script asks for (USR2 by default; USR1 too, for clusters configured so).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
-#: Test hook, not a feature: `DISTTRAIN_TEST_CRASH_AT_STEP=N` makes the job's last rank die with exit
-#: code 1 right before optimizer step N, once per run dir (a marker file there remembers it), so tests
-#: can show that torchrun's restart resumes from the newest snapshot.
-TEST_CRASH_ENV = "DISTTRAIN_TEST_CRASH_AT_STEP"
-
 
 def read_config(path: Path) -> TrainConfig:
     """Load a frozen config; interpolations left in it (a SLURM run's `${run_id:}`) resolve here."""
-    from disttrain.cli import register_resolvers
-
     register_resolvers()
     return load_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
 
 
-def build_trainer(cfg: TrainConfig, env: Any) -> Trainer:
-    """Model, data and optimizer from the config's `_target_`s; every rank initialises from one seed."""
+def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
+    """The config's dataset, refused in one line (ConfigError) when it is too small for a job of
+    `world_size` processes: what a launcher checks before any process or run file exists."""
     dataset = instantiate(cfg.data)
+    training_splits(dataset, None, cfg.trainer, world_size)
+    return dataset
+
+
+def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) -> Trainer:
+    """Model, data and optimizer from the config's `_target_`s; every rank initialises from one seed."""
+    dataset = instantiate(cfg.data) if dataset is None else dataset
     torch.manual_seed(cfg.trainer.seed)
     model = instantiate(cfg.model)
     return Trainer(model, make_optimizer(cfg.optim, model), dataset, cfg, env=env)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train in this process, as one rank of the job its environment describes."""
+def train(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, Any]:
+    """Train in this process, as one rank of the job its environment describes (on `dataset` when the
+    caller built it already, see build_dataset)."""
     with distributed(cfg.trainer.device, cfg.trainer.timeout_s) as env:
         if env.world_size > 1:
             # Every rank composed or read its own config; rank 0's is the run's (its run_dir above all).
             box = [to_dict(cfg)]
             dist.broadcast_object_list(box, src=0)
             cfg = load_config(box[0])
-        trainer = build_trainer(cfg, env)
+        trainer = build_trainer(cfg, env, dataset)
         previous = {sig: signal.signal(sig, trainer.request_stop) for sig in STOP_SIGNALS}
         try:
-            _install_test_crash(trainer)
             return trainer.fit()
         finally:
             # The handlers hold the trainer, whose DDP reducer holds the process group: a group still
@@ -72,24 +75,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             del trainer
-
-
-def _install_test_crash(trainer: Trainer) -> None:
-    crash_at = int(os.environ.get(TEST_CRASH_ENV, "0"))
-    marker = trainer.run_dir / ".test-crash-done"
-    if not crash_at or trainer.env.rank != trainer.env.world_size - 1 or marker.exists():
-        return
-    run_batch = trainer._run_batch
-
-    def crash_once(window: Any) -> Any:
-        if trainer.counters.step + 1 == crash_at:
-            marker.touch()
-            print(f"disttrain[rank {trainer.env.rank}]: {TEST_CRASH_ENV}: crashing", file=sys.stderr)
-            sys.stderr.flush()
-            os._exit(1)
-        return run_batch(window)
-
-    trainer._run_batch = crash_once  # type: ignore[method-assign]
 
 
 def slurm_job_to_requeue(environ: Any = os.environ) -> str | None:
@@ -171,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
 def record_run(cfg: TrainConfig, config_path: Path) -> None:
     """A config staged outside the run dir (sbatch's, whose run dir needs the job id) is recorded in the run
     dir once the job knows it, so every run dir holds the config that trained it."""
-    from disttrain.cli import freeze_config
-
     run_config = Path(cfg.run_dir) / "config.yaml"
     if run_config.resolve() != config_path.resolve():
         freeze_config(cfg, run_config)

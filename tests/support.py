@@ -25,6 +25,16 @@ SMALL = [
 ]
 
 
+def crash_once_at(step: int, marker: Path) -> list[str]:
+    """Overrides that make the job's last rank exit 1 right before optimizer step `step`, once (the model
+    `tests.crashing.CrashOnce`: the built-in MLP's weights, so a surviving job ends on the same hash)."""
+    return [
+        "model._target_=tests.crashing.CrashOnce",
+        f"+model.crash_at_step={step}",
+        f"+model.marker={marker}",
+    ]
+
+
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e.pop("WORLD_SIZE", None)

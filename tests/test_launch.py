@@ -14,7 +14,7 @@ import pytest
 from disttrain.cli import main
 from disttrain.launch.slurm import FREE_PORT
 from tests.clusters.netns import TwoHosts
-from tests.support import SMALL, disttrain, env, summary
+from tests.support import SMALL, crash_once_at, disttrain, env, summary
 
 #: The job every launch test runs (226 steps at world size 2), snapshots every 50 steps.
 JOB = [*SMALL, "snapshot.every_steps=50"]
@@ -81,16 +81,16 @@ def test_elastic_restart_resumes_after_a_crash(tmp_path: Path, reference: str) -
     run_dir = tmp_path / "run"
     res = disttrain(
         *JOB,
+        *crash_once_at(60, tmp_path / "crashed"),
         "launcher=torchrun",
         "launcher.nproc_per_node=2",
         "launcher.max_restarts=1",
         f"run_dir={run_dir}",
-        DISTTRAIN_TEST_CRASH_AT_STEP="60",
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
-    assert "DISTTRAIN_TEST_CRASH_AT_STEP: crashing" in out  # the crash did happen
-    assert (run_dir / ".test-crash-done").exists()
+    assert "tests.crashing: rank 1 crashing" in out  # the crash did happen
+    assert (tmp_path / "crashed").exists()
     assert f"resumed from {run_dir}/snapshots/step_00000050" in out, out
     assert summary(run_dir)["params_sha256"] == reference
     assert summary(run_dir)["steps"] == 226
@@ -101,11 +101,11 @@ def test_a_crash_without_restarts_fails_the_job(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     res = disttrain(
         *JOB,
+        *crash_once_at(60, tmp_path / "crashed"),
         "launcher=torchrun",
         "launcher.nproc_per_node=2",
         "trainer.max_steps=70",
         f"run_dir={run_dir}",
-        DISTTRAIN_TEST_CRASH_AT_STEP="60",
     )
     assert res.returncode != 0
     assert not (run_dir / "summary.json").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.clusters.slurm import SlurmCluster
-from tests.support import ROOT, disttrain, last_step, summary
+from tests.support import ROOT, crash_once_at, disttrain, last_step, summary
 from tests.test_launch import JOB, done_lines, reference_sha256
 
 
@@ -146,9 +146,10 @@ def test_the_hand_written_sbatch_script_trains(
 
 
 def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    # sbatch passes the submitter's environment on: the test hook makes one worker die at step 5.
+    # A model that makes one worker die at step 5 (tests/crashing.py); the job has no restarts.
     res = disttrain(
         *JOB,
+        *crash_once_at(5, tmp_path / "crashed"),
         "launcher=slurm",
         "launcher.nproc_per_node=2",
         "launcher.time=00:05:00",
@@ -156,7 +157,6 @@ def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster,
         f"run_dir={tmp_path}/${{run_id:}}",
         SLURM_CONF=slurm_cluster.env["SLURM_CONF"],
         PATH=slurm_cluster.env["PATH"],
-        DISTTRAIN_TEST_CRASH_AT_STEP="5",
     )
     job = re.search(r"^submitted SLURM job (\d+)$", res.stdout, re.M)
     assert job, res.stdout + res.stderr

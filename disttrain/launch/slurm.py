@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from disttrain.config import TrainConfig
+from disttrain.config import ConfigError, LauncherConfig, TrainConfig, run_id
+from disttrain.snapshot import atomic_write, freeze_config
 
 #: The placeholder the staged config keeps in run_dir, resolved by each worker inside the job.
 RUN_ID = "${run_id:}"
@@ -41,23 +42,6 @@ FINAL_STATES = frozenset(
 FREE_PORT = 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 # torchrun's own default list, plus the warning signal.
 _TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
-
-
-def run_dir_template(overrides: list[str]) -> str:
-    """run_dir as composed from the user's overrides, with `${run_id:}` left for the job to resolve."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from disttrain.cli import CONF_DIR, register_resolvers
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        composed = compose("train", overrides=overrides)
-    # A resolver's string result is not resolved again: the placeholder survives, the rest resolves.
-    OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True)
-    try:
-        return str(composed.run_dir)
-    finally:
-        register_resolvers()
 
 
 def workers_per_node(cfg: TrainConfig) -> int:
@@ -113,36 +97,44 @@ def render_script(cfg: TrainConfig, config_path: Path, log_path: Path, workdir: 
     return "\n".join(line for line in lines if line) + "\n"
 
 
-def submit(cfg: TrainConfig, overrides: list[str]) -> int:
-    """Stage the config and script in the submit dir, `sbatch` it, print the job id, script and log."""
+def run_slurm(cfg: TrainConfig, overrides: list[str]) -> int:
+    """Submit the job (or print its script with `launcher.dry_run=true`); with `launcher.wait=true` block
+    until it ends for good and return its exit code."""
+    job_id = submit(cfg)
+    if job_id is None or not cfg.launcher.wait:
+        return 0
+    return wait_for_job(job_id)
+
+
+def submit(cfg: TrainConfig) -> str | None:
+    """Stage the config and script in the submit dir, `sbatch` it, print the job id, script and log;
+    return the job id (None for a dry run, which prints the script instead)."""
     submit_dir = Path(cfg.run_dir).absolute()
-    template = run_dir_template(overrides)
-    staged = dataclasses.replace(cfg, run_dir=str(Path(template).absolute()))
+    # The run id is the submit host's here; inside the job each worker resolves the placeholder again.
+    staged = dataclasses.replace(cfg, run_dir=str(submit_dir).replace(run_id(), RUN_ID))
     config_path = submit_dir / "sbatch-config.yaml"
     script_path = submit_dir / "job.sbatch"
     log_path = submit_dir / "slurm-%j.out"
     script = render_script(cfg, config_path, log_path, Path.cwd())
     if cfg.launcher.dry_run:
         print(script, end="")
-        return 0
-    from disttrain.cli import freeze_config
-    from disttrain.snapshot import atomic_write
-
+        return None
     freeze_config(staged, config_path)
     atomic_write(script_path, lambda f: f.write(script.encode()))
     job_id = _sbatch(script_path)
     print(f"submitted SLURM job {job_id}")
     print(f"  script:  {script_path}")
     print(f"  log:     {str(log_path).replace('%j', job_id)}")
-    print(f"  run dir: {staged.run_dir.replace(RUN_ID, f'slurm-{job_id}')}", flush=True)
-    if not cfg.launcher.wait:
-        return 0
-    return wait_for_job(job_id)
+    print(f"  run dir: {job_run_dir(staged.run_dir, job_id)}", flush=True)
+    return job_id
+
+
+def job_run_dir(staged_run_dir: str, job_id: str) -> str:
+    """The run dir a job's workers resolve from the staged config's run_dir."""
+    return staged_run_dir.replace(RUN_ID, f"slurm-{job_id}")
 
 
 def _sbatch(script_path: Path) -> str:
-    from disttrain.config import ConfigError
-
     res = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
     if res.returncode != 0:
         # SLURM refuses resources (partition, time, GPUs) here; its own line says which.
@@ -206,3 +198,18 @@ def partition_gpus(partition: str) -> int | None:
             # GRES like "gpu:a100:4(S:0-1),gpu:2" or "(null)": add the counts of every gpu entry.
             counts.append(sum(int(n) for n in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", gres)))
     return max(counts) if counts else None
+
+
+def preflight(launcher: LauncherConfig) -> None:
+    """sbatch exists, and the partition's nodes have the GPUs asked for (a dry run asks no cluster)."""
+    if launcher.dry_run:
+        return
+    missing = sbatch_missing()
+    if missing:
+        raise ConfigError(f"launcher='slurm': {missing}")
+    if launcher.gpus_per_node:
+        have = partition_gpus(launcher.partition)
+        if have is not None and launcher.gpus_per_node > have:
+            where = f"partition {launcher.partition!r}" if launcher.partition else "the default partition"
+            rule = f"nodes of {where} have at most {have} (sinfo)"
+            raise ConfigError(f"launcher.gpus_per_node={launcher.gpus_per_node}: {rule}")

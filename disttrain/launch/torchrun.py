@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from disttrain.compose import write_run_files
 from disttrain.config import TrainConfig
+from disttrain.snapshot import freeze_config
 
 
 def torchrun_command(cfg: TrainConfig, config_path: Path) -> list[str]:
@@ -48,8 +50,6 @@ def torchrun_env(cfg: TrainConfig) -> dict[str, str]:
 
 
 def run_torchrun(cfg: TrainConfig, overrides: list[str]) -> int:
-    from disttrain.cli import freeze_config, write_run_files
-
     launcher = cfg.launcher
     name = "config.yaml" if launcher.node_rank == 0 else f".hydra/node{launcher.node_rank}.yaml"
     config_path = Path(cfg.run_dir) / name

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 
 from disttrain import Trainer, distributed
-from disttrain.cli import compose
+from disttrain.compose import compose
 from disttrain.config import load_config
 from disttrain.trainer import make_optimizer
 

@@ -1,0 +1,71 @@
+"""The package's layers import downwards only (DESIGN.md): read from the source, every import of a
+disttrain module, at module level or inside a function, points at a lower layer or the same one."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT
+
+#: Bottom to top; modules of one layer may import each other.
+LAYERS = [
+    ["config"],
+    ["dist"],
+    ["data", "models"],
+    ["strategy"],
+    ["snapshot"],
+    ["health", "metrics", "progress"],
+    ["trainer"],
+    ["worker"],
+    ["compose", "conf"],
+    ["launch.local", "launch.torchrun", "launch.slurm", "launch"],
+    ["sweep", "check", "plot"],
+    ["cli", "__main__", ""],
+]
+LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
+PACKAGE = ROOT / "disttrain"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def disttrain_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        for name in names:
+            if name == "disttrain" or name.startswith("disttrain."):
+                found.add(name.removeprefix("disttrain").removeprefix("."))
+    return found
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[module_name(p) or "__init__" for p in MODULES])
+def test_every_import_points_down(path: Path) -> None:
+    me = module_name(path)
+    assert me in LEVEL, f"{me}: not placed in a layer of tests/test_layers.py"
+    upward = [m for m in disttrain_imports(path) if me and LEVEL.get(m, -1) > LEVEL[me]]
+    assert not upward, f"disttrain.{me} (layer {LEVEL[me]}) imports upwards: {upward}"
+
+
+IMPORTABLE = [p for p in MODULES if p.name != "__main__.py"]  # importing __main__ runs the CLI
+
+
+@pytest.mark.parametrize("path", IMPORTABLE, ids=[module_name(p) or "__init__" for p in IMPORTABLE])
+def test_every_module_imports_alone(path: Path) -> None:
+    name = ".".join(filter(None, ["disttrain", module_name(path)]))
+    res = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
