@@ -8,11 +8,11 @@ One optimizer step of the configured job, from the same weights and the same sam
     ddp+accum     the same, each share in 2 micro-batches
     dp            DataParallel in one process
 
-Each variant runs the Trainer's own step (`Trainer._run_batch`, no_sync included) and captures the
+Each variant runs the Trainer's own step (`Trainer._train_step`, no_sync included) and captures the
 gradients the optimizer is about to apply. Every variant is compared with the reference in the form of
 the seed's `cmp`: exact (bit-equal), approximate (allclose), maxdiff. The exit code is 1 when a pair
-differs by more than `--tol`. The usual culprit is BatchNorm (its statistics are per micro-batch), or a
-loss that is not a mean over the samples.
+differs by more than `--tol`, with one line on the likely cause: BatchNorm (its statistics are per
+micro-batch), or a loss that is not the mean over the items the step reports.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import default_collate
 
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, validate
 
@@ -37,6 +36,7 @@ DDP = {"ddp": 1, "ddp+accum": 2}
 def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[str, torch.Tensor] | None:
     """Run one Trainer step over this rank's contiguous share of `samples`, split into `accumulate`
     micro-batches; return the gradients the optimizer saw (on rank 0), keyed by parameter name."""
+    from disttrain.step import collate
     from disttrain.worker import build_trainer
 
     trainer = build_trainer(cfg, env=None)
@@ -44,7 +44,7 @@ def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[
     share = len(samples) // world
     mine = samples[rank * share : (rank + 1) * share]
     micro = len(mine) // accumulate
-    window = [default_collate(mine[i * micro : (i + 1) * micro]) for i in range(accumulate)]
+    window = [collate(mine[i * micro : (i + 1) * micro]) for i in range(accumulate)]
     names = {p: n for n, p in trainer.module.named_parameters()}
     grads: dict[str, torch.Tensor] = {}
 
@@ -55,21 +55,22 @@ def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[
                     grads[names[p]] = p.grad.detach().double().cpu().clone()
 
     trainer.optimizer.register_step_pre_hook(grab)
-    trainer._run_batch(window)
+    trainer._train_step(window)
     from disttrain.dist import teardown
 
     teardown()
     return grads if rank == 0 else None
 
 
-def check_config(overrides: list[str], samples: int, world_size: int) -> TrainConfig:
+def check_config(overrides: list[str], config_dirs: list[str], world_size: int) -> TrainConfig:
     from disttrain.compose import compose
 
-    data = compose(overrides)
+    data = compose(overrides, config_dirs)
     # One clean step: no clipping (it would hide a difference), fp32 unless asked otherwise, no snapshots.
+    # The check builds its windows itself: the loader's batch size only has to fit the samples.
     data["trainer"]["grad_clip_norm"] = 0.0
     data["health"]["on_explosion"] = "warn"  # skip/halve_lr need clipping, which a check turns off
-    data["trainer"]["batch_size"] = samples
+    data["trainer"]["batch_size"] = data["trainer"]["accumulate"] = 1
     data["trainer"]["val_fraction"] = 0.0
     cfg = load_config(data)
     validate(cfg, world_size=1)
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accumulate", type=int, default=4, help="micro-batches for the accumulate variant")
     parser.add_argument("--nproc", type=int, default=2, help="processes for the DDP variants")
     parser.add_argument("--tol", type=float, default=1e-6, help="largest absolute difference allowed")
+    parser.add_argument("-cd", "--config-dir", action="append", default=[], help="your config groups")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value, parts in (("--accumulate", args.accumulate, 1), ("--nproc", args.nproc, 2)):
             if value < 1 or args.samples % (value * parts):
                 raise ConfigError(f"{key}={value}: --samples ({args.samples}) must split evenly into it")
-        cfg = check_config(overrides, args.samples, 1)
+        cfg = check_config(overrides, args.config_dir, 1)
         samples = first_samples(cfg, args.samples)
     except ConfigError as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
@@ -161,10 +163,29 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = grads
         for name, micro in DDP.items():
             results[name] = _run_variant_ddp(cfg, args, micro, Path(tmp), name)
-    return report(results, args.tol)
+    return report(results, args.tol, mismatch_cause(cfg))
 
 
-def report(results: dict[str, dict[str, torch.Tensor]], tol: float) -> int:
+def mismatch_cause(cfg: TrainConfig) -> str:
+    """What most likely breaks the identity for this job, in one line."""
+    from hydra.utils import instantiate
+    from torch import nn
+
+    model = instantiate(cfg.model)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return "the model has BatchNorm, whose statistics are per micro-batch"
+    if cfg.step:
+        return (
+            f"the step {cfg.step['_target_']} returns a loss that is not the mean over the items it reports "
+            "(a token loss returned without its count is weighted like a mean over samples)"
+        )
+    return (
+        "the model's loss is not the mean over the items disttrain counts for it (labels that are not -100; "
+        "see disttrain.step); pass a step function that returns (loss, items)"
+    )
+
+
+def report(results: dict[str, dict[str, torch.Tensor]], tol: float, cause: str = "") -> int:
     """Every pair of variants, one line each (the worst parameter of the pair), then the parameters of
     each pair that differs beyond `tol`."""
     names = list(results)
@@ -184,11 +205,7 @@ def report(results: dict[str, dict[str, torch.Tensor]], tol: float) -> int:
         for name, exact, approx, maxdiff in rows:
             print(f"  {name:30s} | exact: {exact!s:5s} | approximate: {approx!s:5s} | maxdiff: {maxdiff:.3e}")
     if failed:
-        print(
-            f"\nMISMATCH: {len(failed)} of {len(pairs)} pairs differ beyond {tol:g}. "
-            "BatchNorm (statistics per micro-batch) or a loss that is not a mean over samples"
-            " breaks the identity."
-        )
+        print(f"\nMISMATCH: {len(failed)} of {len(pairs)} pairs differ beyond {tol:g}: {cause}")
         return 1
     print(f"OK: all {len(pairs)} pairs give the same gradients within {tol:g}")
     return 0

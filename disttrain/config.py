@@ -252,6 +252,10 @@ class TrainConfig:
     #: `_target_` (a class or function returning a map-style Dataset) and its keyword arguments. Empty
     #: when the dataset is built in Python.
     data: dict[str, Any] = field(default_factory=dict)
+    #: `_target_` of a step function `step(model, batch, **kwargs) -> loss | StepOutput` and its keyword
+    #: arguments (disttrain.step has the contract). Empty: the default step calls the model as the batch
+    #: says.
+    step: dict[str, Any] = field(default_factory=dict)
 
 
 # ==== run ids =============================================================================================
@@ -328,9 +332,11 @@ def unknown_key(key: str, value: Any, candidates: list[str] | None = None) -> Co
     return ConfigError(f"{key}={value!r}: unknown key{hint}")
 
 
-def _lookup(data: Any, key: str) -> Any:
+def _lookup(data: Any, key: str, missing: Any = None) -> Any:
     for part in key.split("."):
-        data = data.get(part) if isinstance(data, dict) else None
+        if not isinstance(data, dict) or part not in data:
+            return missing
+        data = data[part]
     return data
 
 
@@ -430,6 +436,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
         if not getattr(cfg, group):
             _fail(group, {}, f"needs a _target_ (choose an option: {group}=NAME, or set {group}._target_)")
     resolve_target("model", cfg.model)
+    if cfg.step:
+        resolve_target("step", cfg.step)
     _, data_kwargs = resolve_target("data", cfg.data)
     for key, value in data_kwargs.items():
         # Dataset arguments that name files are checked here, where the error is cheap and early.
@@ -520,6 +528,7 @@ def _validate_launcher(launcher: LauncherConfig) -> None:
 RESUME_KEYS = (
     "model",
     "data",
+    "step",
     "trainer.batch_size",
     "trainer.accumulate",
     "trainer.seed",
@@ -537,9 +546,13 @@ def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig, world_size: int) ->
             f"the snapshot was written by {saved.get('world_size')} processes and this job has {world_size}: "
             f"resume with {saved.get('world_size')} processes, or start a new run_dir"
         )
-    now = to_dict(cfg)
+    now, defaults = to_dict(cfg), to_dict(TrainConfig())
     for key in RESUME_KEYS:
-        before, after = _lookup(saved.get("config", {}), key), _lookup(now, key)
+        if key in ("model", "data", "step") and not now[key]:
+            continue  # built in Python: the objects are compared on load (a model's shapes)
+        # A key the snapshot's config lacks is one added since it was written: its default then.
+        before = _lookup(saved.get("config", {}), key, _lookup(defaults, key))
+        after = _lookup(now, key)
         if isinstance(before, dict) and isinstance(after, dict):
             for sub in sorted(set(before) | set(after)):
                 if before.get(sub) != after.get(sub):

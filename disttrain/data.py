@@ -7,7 +7,9 @@ may declare `loss = "cross_entropy"` or `"mse"`; `trainer.loss=auto` takes it.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,8 @@ class _Windows(Dataset):
     """
 
     loss = "cross_entropy"
+    #: Every sample has the same targets and none is ignored: weighted by samples (disttrain.step).
+    loss_items = "samples"
 
     def __init__(self, tokens: torch.Tensor, context: int, sequence: bool = False) -> None:
         self.tokens = tokens
@@ -152,7 +156,12 @@ def _length(key: str, dataset: Dataset) -> int:
 
 
 def make_loader(
-    dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin: bool
+    dataset: Dataset,
+    sampler: Sampler,
+    batch_size: int,
+    num_workers: int,
+    pin: bool,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
 ) -> StatefulDataLoader:
     """A DataLoader whose `state_dict()` records how far into the epoch it is."""
     return StatefulDataLoader(
@@ -160,6 +169,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
+        collate_fn=collate_fn,
         pin_memory=pin,
         drop_last=False,
         persistent_workers=False,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -148,3 +149,37 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write(run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+
+
+class ItemMeans:
+    """A step's extra metrics (each a mean over the step's loss items), summed on the device as
+    metric × items until read: `read` averages them over the items on all ranks (collective: every rank
+    calls it at the same step) with one all-reduce and one transfer to the host."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._items: torch.Tensor | float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self._sums)
+
+    def add(self, metrics: Any, items: Any) -> None:
+        for name, value in metrics.items():
+            term = torch.nan_to_num(value.detach().double()) * items
+            self._sums[name] = self._sums[name] + term if name in self._sums else term
+        self._items = self._items + items
+
+    def read(self, world_size: int) -> dict[str, float]:
+        if not self._sums:
+            return {}
+        names = sorted(self._sums)
+        device = self._sums[names[0]].device
+        items = torch.as_tensor(self._items, dtype=torch.float64, device=device)
+        totals = torch.stack([*(self._sums[n] for n in names), items])
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+        *sums, items = totals.tolist()
+        self._sums, self._items = {}, 0.0
+        return {name: value / items if items else math.nan for name, value in zip(names, sums, strict=True)}

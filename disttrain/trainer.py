@@ -26,7 +26,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -42,9 +41,28 @@ from disttrain.config import (
 from disttrain.data import make_loader, training_splits
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
 from disttrain.health import GradHealth, Verdict, grad_flow, halve_lr
-from disttrain.metrics import MetricsLog, params_sha256, peak_samples_per_s, read_metrics, write_summary
+from disttrain.metrics import (
+    ItemMeans,
+    MetricsLog,
+    params_sha256,
+    peak_samples_per_s,
+    read_metrics,
+    write_summary,
+)
 from disttrain.progress import Progress, WandbRun
 from disttrain.snapshot import Snapshot, SnapshotError, SnapshotStore
+from disttrain.step import (
+    DefaultStep,
+    Step,
+    StepOutput,
+    as_step_output,
+    callable_name,
+    collate,
+    describe,
+    num_samples,
+    take,
+    to_device,
+)
 from disttrain.strategy import make_strategy
 
 log = logging.getLogger("disttrain")
@@ -52,22 +70,8 @@ log = logging.getLogger("disttrain")
 # warns once when the first step is skipped, which fp16 does by design.
 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-LossFn = Callable[..., torch.Tensor]
-
 #: Seconds of training between two agreements of the ranks on a stop signal (_stop_requested_anywhere).
 STOP_CHECK_SECONDS = 0.1
-
-
-def cross_entropy(out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(out.flatten(0, -2).float(), target.flatten(), reduction=reduction)
-
-
-def mse(out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.mse_loss(out.float(), target, reduction=reduction)
-
-
-LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -169,6 +173,11 @@ class StepResult(NamedTuple):
     verdict: Verdict
     #: Per-module gradient norms on the steps health.grad_flow_every asks for, else None.
     grad_flow: dict[str, float] | None
+    #: Samples of the window on this rank (padded ones included: what the loader gave).
+    samples: int
+    #: Loss items (tokens) of the window on all ranks: counted, or the targets of a token dataset whose
+    #: items are samples; None for other sample losses.
+    items: float | None
 
 
 def seed_everything(seed: int) -> None:
@@ -185,7 +194,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: torch.amp.GradScaler
-    loss_fn: LossFn
+    step: Step
     counters: Counters
     snapshots: SnapshotStore
     metrics: MetricsLog
@@ -198,22 +207,30 @@ class Trainer:
         cfg: TrainConfig | None = None,
         *,
         val_dataset: Dataset | None = None,
-        loss_fn: LossFn | None = None,
+        step: Step | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
         scheduler: Any = None,
         env: DistEnv | None = None,
     ) -> None:
+        """`step(model, batch)` computes a micro-batch's loss (disttrain.step: the contract, and the
+        default step, which calls the model as the batch says); `loss_fn(output, target)` replaces the
+        built-in loss of `(inputs, target)` batches (a mean over samples); `collate_fn` builds a batch
+        from samples (default: disttrain.step.collate)."""
         # Everything a user can get wrong is refused here, before a process group exists: the same
         # rules as the CLI's, and what only the objects can tell (optimizer, dataset sizes).
         world_size = env.world_size if env is not None else placement().world_size
         self.cfg = cfg = checked(cfg or TrainConfig(), world_size)
         t = cfg.trainer
         _check_optimizer(optimizer, model)
-        # What the dataset declares is read before training_splits() wraps it in a Subset: a vocabulary
-        # (token datasets) and its loss.
-        self.counts_tokens = hasattr(dataset, "vocab_size")
-        self.loss_fn = (
-            loss_fn or LOSSES[t.loss if t.loss != "auto" else getattr(dataset, "loss", "cross_entropy")]
-        )
+        # What a dataset declares is read before training_splits() wraps it in a Subset: its loss,
+        # whether its samples all carry the same loss items (disttrain.step.DefaultStep), and a
+        # vocabulary (a token dataset: tokens_per_s counts its targets).
+        self.counts_tokens = hasattr(dataset, "vocab_size") and step is None
+        loss = t.loss if t.loss != "auto" else getattr(dataset, "loss", "cross_entropy")
+        if step is not None and not cfg.step:
+            cfg.step = {"_target_": callable_name(step)}  # what a resume compares
+        self.step = step or DefaultStep(model, loss, loss_fn, getattr(dataset, "loss_items", "targets"))
         dataset, val_dataset = training_splits(dataset, val_dataset, t, world_size)
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
@@ -226,11 +243,12 @@ class Trainer:
         self.optimizer = optimizer
         pin = self.env.device.type == "cuda"
         self.sampler = self.strategy.sampler(dataset, shuffle=True, seed=t.seed)
-        self.loader = make_loader(dataset, self.sampler, t.batch_size, t.num_workers, pin)
+        loading = (t.batch_size, t.num_workers, pin, collate_fn or collate)
+        self.loader = make_loader(dataset, self.sampler, *loading)
         self.val_loader = None
         if val_dataset is not None:
             val_sampler = self.strategy.sampler(val_dataset, shuffle=False, seed=t.seed)
-            self.val_loader = make_loader(val_dataset, val_sampler, t.batch_size, t.num_workers, pin)
+            self.val_loader = make_loader(val_dataset, val_sampler, *loading)
         self.steps_per_epoch = math.ceil(len(self.loader) / t.accumulate)
         total_steps = t.max_epochs * self.steps_per_epoch
         self.total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
@@ -241,6 +259,8 @@ class Trainer:
         self.snapshots = SnapshotStore(self.run_dir, self.env, cfg.snapshot.keep_last)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
         self.health = GradHealth(cfg.health, t.grad_clip_norm, t.precision, announce=self.env.is_main)
+        self.train_metrics = ItemMeans()  # a step's extra metrics, summed until the next log line
+        self._first_step_checked = False
         self.peak_samples_per_s = peak_samples_per_s(
             self.module, self.env.device, t.precision, t.peak_tflops, self.env.world_size
         )
@@ -340,24 +360,31 @@ class Trainer:
         c, k = self.counters, self.cfg.trainer.accumulate
         # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
         self.sampler.set_epoch(c.epoch)
-        if "loader" in self._pending:
-            self.loader.load_state_dict(self._pending.pop("loader"))
+        # iter() draws a seed from the global RNG. A snapshot from inside an epoch holds the RNG after
+        # that draw: restored after iter(). One from the end of an epoch holds it before the next
+        # epoch's draw: restored before iter(), so the draw happens again as it did in the first life.
+        rng, loader = self._pending.pop("rng", None), self._pending.pop("loader", None)
+        if rng is not None and loader is None:
+            set_rng_state(rng)
+        if loader is not None:
+            self.loader.load_state_dict(loader)
         batches = iter(self.loader)
-        if "rng" in self._pending:  # after iter(), which draws a worker seed from the global RNG
-            set_rng_state(self._pending.pop("rng"))
+        if rng is not None and loader is not None:
+            set_rng_state(rng)
         n = len(self.loader)
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
         while c.batches_in_epoch < n:
             tick = time.perf_counter()
             window = [next(batches) for _ in range(min(k, n - c.batches_in_epoch))]
             data_time = time.perf_counter() - tick
-            result = self._run_batch(window)
+            result = self._train_step(window)
             c.step += 1
             c.batches_in_epoch += len(window)
             c.last_loss = result.loss
             epoch_loss, epoch_steps = epoch_loss + result.loss, epoch_steps + 1
-            self._log_step(window, result, data_time, time.perf_counter() - tick)
             epoch_done = c.batches_in_epoch == n
+            log_line = epoch_done or c.step % self.cfg.trainer.log_every_steps == 0
+            self._log_step(result, data_time, time.perf_counter() - tick, log_line)
             if epoch_done:
                 # Let the loader see the end of the epoch, else its next iterator continues this one.
                 next(batches, None)
@@ -374,34 +401,61 @@ class Trainer:
             if stopping or epoch_done:
                 return
 
-    def _run_batch(self, window: list[Batch]) -> StepResult:
-        """One optimizer step over an accumulation window of micro-batches. Each micro-batch's mean loss is
-        weighted by its share of the window's samples, so the gradient equals that of one batch of the
-        whole window, also when the window or its last micro-batch is cut short by the end of an epoch."""
-        total = sum(len(y) for _, y in window)
-        losses = []
-        for i, (x, y) in enumerate(window):
-            x = x.to(self.env.device, non_blocking=True)
-            y = y.to(self.env.device, non_blocking=True)
+    def _train_step(self, window: list[Any]) -> StepResult:
+        """One optimizer step over an accumulation window of micro-batches. Its gradient is that of the
+        mean loss over all loss items of the window on all ranks (DESIGN.md's first contract):
+        - items that are samples (equal on every rank, known from the batches): each micro-batch's mean
+          is weighted by its share of the window's samples before backward, and DDP's mean over ranks
+          is then exact;
+        - counted items (tokens): each mean is multiplied by its count (a sum), and once the window's
+          count on all ranks is known (one all-reduce, on the device) the gradients are multiplied by
+          world size / that count, which also undoes DDP's mean over ranks.
+        One micro-batch in one process needs neither: its mean is the window's."""
+        world = self.env.world_size
+        samples = [num_samples(batch) for batch in window]
+        total = sum(samples)
+        whole = len(window) == 1 and world == 1
+        losses, counts = [], []
+        for i, batch in enumerate(window):
+            batch = to_device(batch, self.env.device)
             final = i == len(window) - 1
             # Forward too must run inside no_sync: DDP decides in forward whether backward all-reduces.
             with contextlib.nullcontext() if final else self.strategy.no_sync(self.model):
                 with self._autocast():
-                    loss = self.loss_fn(self.model(x), y)
-                # The window's mean loss: each micro-batch weighted by its share of the samples (no
-                # multiply when it is the whole window: a graph op, 12 us of a small model's step).
-                weight = len(y) / total
-                self.scaler.scale(loss * weight if weight != 1 else loss).backward()
-            losses.append(loss.detach())
+                    out = self._run_step(batch)
+                if out.items is None:  # samples (no multiply for the whole window: 12 us of a small step)
+                    weight = samples[i] / total
+                    loss = out.loss * weight if weight != 1 else out.loss
+                else:
+                    loss = out.loss if whole else out.loss * out.items
+                self.scaler.scale(loss).backward()
+            losses.append(out.loss.detach())
+            counts.append(out.items)
+            if out.metrics:
+                self.train_metrics.add(out.metrics, samples[i] if out.items is None else out.items)
+        counted = counts[0] is not None
+        if counted != all(c is not None for c in counts):
+            raise ConfigError("step: returned items for some micro-batches of a window and not for others")
         self.scaler.unscale_(self.optimizer)  # clip in real units, not scaled ones
+        items = self._rescale_by_items(counts, whole) if counted else None
         flow = self._grad_flow()  # per-module norms, every health.grad_flow_every steps
         grad_norm = self._clip_gradients()
         # One transfer to the host for every number the step reports (on CUDA, the step's one sync).
-        *micro_losses, norm_value = torch.stack([*losses, grad_norm.float()]).tolist()
-        loss_value = sum(v * len(y) for v, (_, y) in zip(micro_losses, window, strict=True)) / total
+        host = [*losses, grad_norm.float(), *([items, *map(torch.as_tensor, counts)] if counted else [])]
+        values = torch.stack([v.to(self.env.device, torch.float64) for v in host]).tolist()
+        micro_losses, norm_value = values[: len(window)], values[len(window)]
+        if counted:
+            window_items, local = values[len(window) + 1], values[len(window) + 2 :]
+            weighted = sum(v * n for v, n in zip(micro_losses, local, strict=True) if n)
+            loss_value = weighted / sum(local) if sum(local) else math.nan
+        else:
+            window_items = float(total * world)
+            loss_value = sum(v * n for v, n in zip(micro_losses, samples, strict=True)) / total
         # Gradients are identical on every rank after the all-reduce, so every rank decides alike:
         # non-finite gradients, and explosions under health.on_explosion=skip, skip the step.
         verdict = self.health.judge(norm_value, self.counters, step=self.counters.step + 1)
+        if not window_items:
+            verdict = self._no_items(verdict)
         if verdict.apply:
             self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -409,7 +463,53 @@ class Trainer:
         if verdict.halve_lr:
             halve_lr(self.optimizer, self.scheduler)
         self.scheduler.step()
-        return StepResult(loss_value, norm_value, verdict, flow)
+        if not counted and self.counts_tokens:  # a token dataset weighted by samples: every target counts
+            window_items = float(sum(b[1].numel() for b in window if isinstance(b, (list, tuple))) * world)
+        elif not counted:
+            window_items = None
+        return StepResult(loss_value, norm_value, verdict, flow, total, window_items)
+
+    def _run_step(self, batch: Any) -> StepOutput:
+        """The step on one micro-batch, its result checked; the first call also turns a batch the model
+        cannot be called with into one line."""
+        if self._first_step_checked:
+            return as_step_output(self.step(self.model, batch))
+        try:
+            out = as_step_output(self.step(self.model, batch))
+        except TypeError as e:
+            if not isinstance(self.step, DefaultStep):
+                raise
+            raise ConfigError(f"batch: calling the model with {describe(batch)} failed: {e}") from None
+        self._first_step_checked = True
+        return out
+
+    def _rescale_by_items(self, counts: list[Any], whole: bool) -> torch.Tensor:
+        """The window's loss items on all ranks; the gradients (of sums over items) become those of the
+        mean over them. DDP has averaged over ranks, so the factor is world size / items."""
+        device = self.env.device
+        items = torch.stack([torch.as_tensor(c, device=device) for c in counts]).sum().to(torch.float64)
+        if self.env.world_size > 1:
+            dist.all_reduce(items)
+        if not whole:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            scale = (self.env.world_size / items.clamp(min=1)).to(torch.float32)
+            torch._foreach_mul_(grads, scale)
+        return items
+
+    def _no_items(self, verdict: Verdict) -> Verdict:
+        """A window without a single loss item on any rank: nothing to learn from. On the first step it is
+        the data's or the step's mistake (every label ignored?), refused in one line; later it skips the
+        step, as a non-finite one would."""
+        if self.counters.step == self.counters.skipped_steps and not self.counters.step:
+            raise ConfigError(
+                "step 1: the window holds no loss items on any rank (every target ignored, -100?); a step's "
+                "items count the targets its loss averages over"
+            )
+        if verdict.apply:
+            self.counters.skipped_steps += 1
+            if self.env.is_main:
+                log.warning("step %d: no loss items on any rank: step skipped", self.counters.step + 1)
+        return Verdict(apply=False, explosion=verdict.explosion, halve_lr=False)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16/fp16 autocast on the job's device; for fp32 none (a disabled autocast costs 5 us a step)."""
@@ -431,23 +531,29 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> None:
-        """Mean loss over the held-out split on all ranks. DistributedSampler pads the last shard with
-        repeated samples; those positions (global index >= the split's length) are not counted."""
+        """Mean loss over all loss items of the held-out split on all ranks (and the step's extra metrics,
+        means over the same items). DistributedSampler pads the last shard with repeated samples; those
+        positions (global index >= the split's length) are cut from the batch, so they never count."""
         if self.val_loader is None:
             return
-        c, world = self.counters, self.env.world_size
+        c, world, device = self.counters, self.env.world_size, self.env.device
         n_real = len(self.val_loader.dataset)  # type: ignore[arg-type]
-        batch = self.cfg.trainer.batch_size
-        totals = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        batch_size = self.cfg.trainer.batch_size
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss × items, items
+        means = ItemMeans()
         self.model.eval()
-        for j, (x, y) in enumerate(self.val_loader):
-            x = x.to(self.env.device, non_blocking=True)
-            y = y.to(self.env.device, non_blocking=True)
+        for j, batch in enumerate(self.val_loader):
+            # Rank r's k-th sample of batch j sits at global position r + world·(j·batch_size + k).
+            first = self.env.rank + world * j * batch_size
+            real = min(num_samples(batch), max(0, -(-(n_real - first) // world)))
+            # A batch of padding only still runs (FSDP's ranks must all call forward), weighted by 0.
+            batch = to_device(take(batch, max(real, 1)), device)
             with self._autocast():
-                per_sample = self.loss_fn(self.model(x), y, reduction="none").reshape(len(y), -1).mean(1)
-            position = self.env.rank + world * (j * batch + torch.arange(len(y), device=self.env.device))
-            real = position < n_real
-            totals += torch.stack([per_sample.double()[real].sum(), real.sum().double()])
+                out = as_step_output(self.step(self.model, batch))
+            items = torch.as_tensor(real if out.items is None else out.items, device=device) * (real > 0)
+            totals += torch.stack([torch.nan_to_num(out.loss.double()) * items, items.double()])
+            if out.metrics:
+                means.add(out.metrics, items)
         self.model.train()
         if world > 1:
             dist.all_reduce(totals)
@@ -456,7 +562,9 @@ class Trainer:
             c.best_val_loss, c.bad_validations = c.last_val_loss, 0
         else:
             c.bad_validations += 1
-        self._log({"step": c.step, "epoch": c.epoch, "val_loss": c.last_val_loss})
+        record = {"step": c.step, "epoch": c.epoch, "val_loss": c.last_val_loss}
+        record.update({f"val_{name}": value for name, value in means.read(world).items()})
+        self._log(record)
 
     # -- snapshots ----------------------------------------------------------------------------------------
     def _save_snapshot(self) -> None:
@@ -525,13 +633,16 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.log(record)
 
-    def _log_step(self, window: list[Batch], result: StepResult, data_time: float, step_time: float) -> None:
+    def _log_step(self, result: StepResult, data_time: float, step_time: float, log_line: bool) -> None:
         """One line of metrics.jsonl (fields: disttrain.metrics) and wandb, and the progress display. All
-        from values the step already has on the host: no device sync here."""
+        from values the step already has on the host: no device sync here, except on the steps that log
+        a step function's extra metrics (`log_line`: every trainer.log_every_steps and at the end of an
+        epoch), where the ranks average them over items (one all-reduce)."""
+        extra = self.train_metrics.read(self.env.world_size) if log_line and self.train_metrics else {}
         if not self.env.is_main:
             return
         c, world = self.counters, self.env.world_size
-        samples = sum(len(y) for _, y in window) * world
+        samples = result.samples * world
         record: dict[str, Any] = {
             "step": c.step,
             "epoch": c.epoch,
@@ -544,8 +655,8 @@ class Trainer:
             "step_time_s": step_time,
             "data_time_s": data_time,
         }
-        if self.counts_tokens:
-            record["tokens_per_s"] = sum(y.numel() for _, y in window) * world / step_time
+        if result.items is not None:
+            record["tokens_per_s"] = result.items / step_time
         if self.peak_samples_per_s:
             record["mfu"] = record["samples_per_s"] / self.peak_samples_per_s
         if self.env.device.type == "cuda":
@@ -554,6 +665,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.env.device)
         if result.grad_flow is not None:
             record["grad_flow"] = result.grad_flow
+        record.update({f"train_{name}": value for name, value in extra.items()})
         self._log(record)
         assert self.progress is not None
         self.progress.update(c.step, c.epoch, result.loss, samples, record["samples_per_s"])

@@ -53,7 +53,8 @@ def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) ->
     dataset = instantiate(cfg.data) if dataset is None else dataset
     torch.manual_seed(cfg.trainer.seed)
     model = instantiate(cfg.model)
-    return Trainer(model, make_optimizer(cfg.optim, model), dataset, cfg, env=env)
+    step = instantiate(cfg.step, _partial_=True) if cfg.step else None
+    return Trainer(model, make_optimizer(cfg.optim, model), dataset, cfg, step=step, env=env)
 
 
 def train(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ Fairness (decisions):
 - Repeats are interleaved (A B A B, the order reversed every other repeat) so machine noise lands on
   both; a table shows the median over repeats and the spread (max - min) / median.
 - The Trainer is timed from the inside of one `fit()` through a subclass that only reads the clock at
-  the start of `_run_batch`; its run dir is a fresh temporary directory, deleted afterwards.
+  the start of `_train_step`; its run dir is a fresh temporary directory, deleted afterwards.
 
 GPU: `--device cuda` sizes the GPT like GPT-2 small (12 layers, width 768, block 1024, 85M parameters),
 reports tokens/s and MFU = flops_per_sample × samples/s ÷ (peak × devices), the peak being the device's
@@ -177,7 +177,7 @@ def optimizer_config(model_name: str) -> Any:
 
 
 def hand_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock) -> None:
-    """The loop a user writes without a framework (the seed's Trainer._run_batch), timed by `clock`."""
+    """The loop a user writes without a framework (the seed's Trainer._train_step), timed by `clock`."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -224,9 +224,9 @@ def trainer_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Cl
     from disttrain.trainer import Trainer, make_optimizer
 
     class TimedTrainer(Trainer):
-        def _run_batch(self, window: Any) -> Any:
+        def _train_step(self, window: Any) -> Any:
             clock.tick()
-            return super()._run_batch(window)
+            return super()._train_step(window)
 
     dp = case["kind"] == "dp"
     model, dataset, batch = build(case["model"], plan, env.world_size)

@@ -134,7 +134,7 @@ def torchrun(
             *args,
         ],
         cwd=ROOT,
-        env=env(**extra),
+        env=env(PYTHONPATH=str(ROOT), **extra),  # the script imports tests' own models
         capture_output=True,
         text=True,
         timeout=timeout,

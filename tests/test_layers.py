@@ -16,7 +16,7 @@ from tests.support import ROOT
 LAYERS = [
     ["config"],
     ["dist"],
-    ["data", "models"],
+    ["data", "models", "step"],
     ["strategy"],
     ["snapshot"],
     ["health", "metrics", "progress"],

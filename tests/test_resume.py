@@ -54,3 +54,28 @@ def test_finished_run_started_again_changes_nothing(tmp_path) -> None:
     assert again.returncode == 0, again.stderr
     after = summary(run_dir)
     assert after["params_sha256"] == before["params_sha256"] and after["steps"] == before["steps"]
+
+
+def dropout_run(run_dir, max_steps: int) -> str:
+    """A model with dropout (it draws from the RNG every step) trained up to `max_steps`, resuming from
+    whatever run_dir holds; its params_sha256."""
+    import torch
+    from torch import nn
+
+    import disttrain
+    from disttrain.config import TrainerConfig
+    from disttrain.data import RandomRegression
+
+    disttrain.seed_everything(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+    trainer_cfg = TrainerConfig(batch_size=8, max_epochs=3, max_steps=max_steps, val_fraction=0)
+    cfg = disttrain.TrainConfig(run_dir=str(run_dir), trainer=trainer_cfg)
+    trainer = disttrain.Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), RandomRegression(64), cfg)
+    return trainer.fit()["params_sha256"]
+
+
+@pytest.mark.parametrize("stop", [8, 5], ids=["at-an-epoch-boundary", "mid-epoch"])
+def test_resume_draws_the_same_random_numbers(tmp_path, stop) -> None:
+    # 8 steps an epoch. The RNG of a snapshot at an epoch's end predates the next epoch's loader seed.
+    dropout_run(tmp_path / "resumed", stop)
+    assert dropout_run(tmp_path / "resumed", 20) == dropout_run(tmp_path / "straight", 20)

@@ -1,0 +1,232 @@
+"""What one micro-batch contributes to an optimizer step: its loss, how many loss items that loss averages
+over, and any extra metrics. Batches are any nested structure of tensors.
+
+The contract a step keeps (the one escape hatch for a user's own loss):
+
+    step(model, batch) -> loss | StepOutput(loss, items, metrics)
+
+- `loss` is a scalar tensor: the MEAN over the batch's loss items (what `F.cross_entropy` and every
+  `transformers` model return). The Trainer weights it by `items`, so the gradient of one optimizer
+  step is the gradient of the mean over all items of the window on all ranks, whatever each
+  micro-batch or rank holds (also zero items: a rank whose window holds none adds nothing).
+- `items` is how many loss items the mean covers: non-ignored tokens for a token loss (an int or a
+  0-dim tensor, counted on the device). A bare tensor, or `items=None`, means the batch's samples.
+- `metrics` are extra scalars (accuracy, a loss term), each a mean over the same items: the Trainer
+  averages them over items on all ranks and logs them in training and validation.
+
+A micro-batch with zero items must still return a finite loss, or at least one whose gradient is
+finite: `F.cross_entropy` over only ignored targets does (its forward is NaN, its backward zero); a
+masked mean of your own should divide by `max(count, 1)`.
+
+The default step (no step given) calls the model as the batch says:
+- a mapping (a Hugging Face batch): `model(**batch)`; the output must carry the loss (a scalar tensor,
+  a dict with "loss", or an object with `.loss`, as `ModelOutput`). Items: the batch's `labels` that
+  are not -100 (`shift_labels` if given; for a `transformers` causal LM, which shifts its labels,
+  `labels[..., 1:]`, as transformers' own Trainer counts them); without labels, the samples.
+- a pair `(inputs, target)` (tuple, list or two-field NamedTuple): `loss_fn(model(inputs), target)` with
+  the built-in `cross_entropy` (items: targets that are not -100) or `mse` (items: samples), or the
+  Python `loss_fn=` given to the Trainer (a mean over samples).
+- anything else (a tensor, a dataclass): `model(batch)`, whose output must carry the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import default_collate
+
+from disttrain.config import ConfigError
+
+IGNORE_INDEX = -100
+
+
+class StepOutput(NamedTuple):
+    #: The mean loss over the batch's `items` (a scalar tensor).
+    loss: torch.Tensor
+    #: Loss items the mean covers (int or 0-dim tensor); None: the batch's samples.
+    items: int | torch.Tensor | None = None
+    #: Extra scalars, each a mean over the same items.
+    metrics: Mapping[str, torch.Tensor] = {}
+
+
+Step = Callable[[nn.Module, Any], "torch.Tensor | StepOutput | tuple"]
+
+
+# ==== batches: collate, move, count =====================================================================
+
+
+def collate(samples: Sequence[Any]) -> Any:
+    """torch's `default_collate`, plus dataclasses at any depth (a batch of dataclasses is a dataclass
+    of batches)."""
+    first = samples[0]
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        fields = {f.name: collate([getattr(s, f.name) for s in samples]) for f in dataclasses.fields(first)}
+        return type(first)(**fields)
+    if isinstance(first, Mapping):
+        return {key: collate([s[key] for s in samples]) for key in first}
+    if isinstance(first, tuple) and hasattr(first, "_fields"):  # NamedTuple
+        return type(first)(*(collate(list(column)) for column in zip(*samples, strict=True)))
+    if isinstance(first, (tuple, list)):
+        return [collate(list(column)) for column in zip(*samples, strict=True)]
+    return default_collate(list(samples))
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
+    """`batch` with `fn` applied to every tensor, its structure (dict, list, tuple, NamedTuple,
+    dataclass) kept; other leaves (strings, numbers) as they are."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        fields = {f.name: map_tensors(fn, getattr(batch, f.name)) for f in dataclasses.fields(batch)}
+        return dataclasses.replace(batch, **fields)
+    if isinstance(batch, Mapping):
+        return {key: map_tensors(fn, value) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_tensors(fn, v) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_tensors(fn, v) for v in batch)
+    return batch
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Every tensor of a batch on `device` (non_blocking: pinned memory copies asynchronously)."""
+    return map_tensors(lambda t: t.to(device, non_blocking=True), batch)
+
+
+def take(batch: Any, n: int) -> Any:
+    """The first `n` samples of a batch (every tensor cut along its leading dimension)."""
+    return map_tensors(lambda t: t[:n] if t.dim() else t, batch)
+
+
+def num_samples(batch: Any) -> int:
+    """The batch's samples: the leading dimension of its first batched tensor."""
+    sizes: list[int] = []
+    map_tensors(lambda t: sizes.append(len(t)) if t.dim() else None, batch)
+    if not sizes:
+        raise ConfigError(f"batch: {describe(batch)} holds no batched tensor; samples must hold tensors")
+    return sizes[0]
+
+
+# ==== losses and the default step ========================================================================
+
+
+def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the targets that are not -100 (class indices, any shape: one per sample or per token)."""
+    return F.cross_entropy(out.flatten(0, -2).float(), target.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out.float(), target)
+
+
+#: Built-in losses for `(inputs, target)` batches, and what each one's mean is over (None: samples).
+LOSSES: dict[str, tuple[Callable[..., torch.Tensor], Callable[[torch.Tensor], torch.Tensor] | None]] = {
+    "cross_entropy": (cross_entropy, lambda target: (target != IGNORE_INDEX).sum()),
+    "mse": (mse, None),
+}
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    """The loss a model's output carries: itself (a scalar tensor), output["loss"] or output.loss."""
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        return loss
+    raise ConfigError(
+        f"model output: {describe(output)} carries no loss; return a scalar tensor, a dict with "
+        '"loss" or an object with .loss (as transformers does when given labels), or pass a step function'
+    )
+
+
+def _shifts_labels(model: nn.Module) -> bool:
+    """A `transformers` causal LM shifts its labels by one inside the model: its loss function (the one
+    its loss_type names, ForCausalLMLoss when that names none, as transformers itself falls back) is
+    ForCausalLMLoss, and it is no encoder-decoder."""
+    if not hasattr(model, "loss_type"):
+        return False
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    loss = getattr(model, "_loss_function", None) or LOSS_MAPPING.get(model.loss_type, ForCausalLMLoss)
+    config = getattr(model, "config", None)
+    return loss is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False)
+
+
+def label_items(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor | None:
+    """Non-ignored labels of a mapping batch, counted as the model's loss averages them; None without
+    labels (the loss is then taken to be a mean over samples)."""
+    if "shift_labels" in batch:
+        labels = batch["shift_labels"]
+    elif "labels" in batch:
+        labels = batch["labels"][..., 1:] if _shifts_labels(model) else batch["labels"]
+    else:
+        return None
+    return (labels != IGNORE_INDEX).sum()
+
+
+class DefaultStep:
+    """The step without a user's step function (module docstring): call the model as the batch says.
+
+    A dataset whose samples all carry the same targets, none ignored (the built-in ones), may say so
+    with `loss_items = "samples"`: its cross-entropy is then weighted by samples, which needs neither a
+    count nor, under DDP, the all-reduce of the counts."""
+
+    def __init__(
+        self, model: nn.Module, loss: str, loss_fn: Callable[..., torch.Tensor] | None, loss_items: str
+    ) -> None:
+        if loss_items not in ("samples", "targets"):
+            raise ConfigError(f"data: loss_items={loss_items!r}: must be 'samples' or 'targets'")
+        self.model = model  # the user's module, unwrapped (its attributes tell how it counts labels)
+        self.loss_fn, self.count = (loss_fn, None) if loss_fn is not None else LOSSES[loss]
+        if loss_items == "samples":
+            self.count = None
+
+    def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
+        if isinstance(batch, Mapping):
+            return StepOutput(loss_of(model(**batch)), label_items(self.model, batch))
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
+            inputs, target = batch
+            items = self.count(target) if self.count is not None else None
+            return StepOutput(self.loss_fn(model(inputs), target), items)
+        return StepOutput(loss_of(model(batch)))
+
+
+def as_step_output(result: Any) -> StepOutput:
+    """A step's return value, checked: a scalar loss tensor, or (loss, items[, metrics])."""
+    if isinstance(result, torch.Tensor):
+        result = StepOutput(result)
+    elif isinstance(result, tuple) and not isinstance(result, StepOutput):
+        result = StepOutput(*result)
+    if not isinstance(result, StepOutput) or not isinstance(result.loss, torch.Tensor):
+        raise ConfigError(
+            f"step: returned a {type(result).__name__}; it must return the loss (a scalar tensor) or "
+            "StepOutput(loss, items, metrics)"
+        )
+    if result.loss.dim() != 0:
+        raise ConfigError(
+            f"step: returned a loss of shape {tuple(result.loss.shape)}; it must be a scalar, the mean over "
+            "the batch's loss items"
+        )
+    return result
+
+
+def describe(batch: Any) -> str:
+    """A batch in a few words, for an error line: its type, and its keys or length."""
+    if isinstance(batch, torch.Tensor):
+        return f"a tensor of shape {tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return f"a dict with keys {', '.join(map(str, batch))}"
+    if isinstance(batch, (tuple, list)):
+        return f"a {type(batch).__name__} of {len(batch)}"
+    return f"a {type(batch).__name__}"
+
+
+def callable_name(fn: Callable[..., Any]) -> str:
+    """module.qualname of a function (of a partial's function): how a config names it."""
+    fn = getattr(fn, "func", fn)
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
