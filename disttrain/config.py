@@ -142,6 +142,10 @@ class TrainerConfig:
     batch_size: int = _number(64, low=1)
     #: Micro-batches whose gradients add up into one optimizer step.
     accumulate: int = _number(1, low=1)
+    #: Samples per optimizer step on all processes together (0: batch_size × accumulate × processes). Set
+    #: it to keep the global batch when the number of processes changes, e.g. on a resume: accumulate
+    #: then follows, global_batch_size ÷ (processes × batch_size), which must be a whole number.
+    global_batch_size: int = _number(0, low=0)
     #: fp32 | bf16 | fp16. bf16 and fp16 run the forward under autocast; fp16 adds a GradScaler.
     precision: str = _choice("fp32", PRECISIONS)
     #: Clip the global gradient norm to this value before each step (0: off; the norm is still logged).
@@ -361,6 +365,7 @@ def load_config(data: dict[str, Any]) -> TrainConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    register_resolvers()  # run_dir's default holds ${run_id:}
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
@@ -493,7 +498,32 @@ def resolve_strategy(cfg: TrainConfig, world_size: int) -> str:
     return name
 
 
+def accumulate_for(trainer: TrainerConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step for a job of `world_size` processes: trainer.accumulate, or what
+    trainer.global_batch_size leaves for it (see TrainerConfig; validate_world checks that it divides)."""
+    if trainer.global_batch_size:
+        return trainer.global_batch_size // (world_size * trainer.batch_size)
+    return trainer.accumulate
+
+
+def global_batch(trainer: TrainerConfig, world_size: int) -> int:
+    """Samples per optimizer step on all processes."""
+    return world_size * trainer.batch_size * accumulate_for(trainer, world_size)
+
+
 def _validate_world(cfg: TrainConfig, world_size: int) -> None:
+    t = cfg.trainer
+    if t.global_batch_size:
+        if t.accumulate != 1:
+            _fail(
+                "trainer.accumulate",
+                t.accumulate,
+                "set either trainer.accumulate or trainer.global_batch_size (which derives accumulate)",
+            )
+        per_micro_batch = world_size * t.batch_size
+        if t.global_batch_size % per_micro_batch:
+            rule = f"{_processes(world_size)} × trainer.batch_size {t.batch_size} = {per_micro_batch}"
+            _fail("trainer.global_batch_size", t.global_batch_size, f"must be a multiple of {rule}")
     name = cfg.strategy.name
     if name == "ddp" and world_size == 1:
         _fail(
@@ -524,13 +554,13 @@ def _validate_launcher(launcher: LauncherConfig) -> None:
 # ==== resuming ============================================================================================
 
 #: Config keys a resumed run must share with the run that wrote the snapshot: change any of them and
-#: the snapshot no longer describes this run (shapes, data order, or the meaning of a step differ).
+#: the snapshot no longer describes this run (shapes, data order, or the meaning of a step differ). The
+#: number of processes, the micro-batch size and accumulation may change, as long as the global batch
+#: (samples per optimizer step) stays: the data position is global (DESIGN.md).
 RESUME_KEYS = (
     "model",
     "data",
     "step",
-    "trainer.batch_size",
-    "trainer.accumulate",
     "trainer.seed",
     "trainer.val_fraction",
     "trainer.precision",
@@ -541,18 +571,22 @@ RESUME_KEYS = (
 
 def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig, world_size: int) -> str | None:
     """One line naming what differs between a snapshot's manifest and this run, or None."""
-    if saved.get("world_size") != world_size:
-        return (
-            f"the snapshot was written by {saved.get('world_size')} processes and this job has {world_size}: "
-            f"resume with {saved.get('world_size')} processes, or start a new run_dir"
-        )
     now, defaults = to_dict(cfg), to_dict(TrainConfig())
+    saved_cfg = saved.get("config", {})
+    before_world = int(saved.get("world_size", world_size))
+    saved_trainer = load_config({"trainer": saved_cfg.get("trainer", {})}).trainer
+    before, after = global_batch(saved_trainer, before_world), global_batch(cfg.trainer, world_size)
+    if before != after:
+        then, now_shape = _batch_shape(saved_trainer, before_world), _batch_shape(cfg.trainer, world_size)
+        return (
+            f"its optimizer steps took {before} samples ({then}) and this job's take {after} ({now_shape}); "
+            f"set trainer.global_batch_size={before} to keep the global batch on {_processes(world_size)}"
+        )
     for key in RESUME_KEYS:
         if key in ("model", "data", "step") and not now[key]:
             continue  # built in Python: the objects are compared on load (a model's shapes)
         # A key the snapshot's config lacks is one added since it was written: its default then.
-        before = _lookup(saved.get("config", {}), key, _lookup(defaults, key))
-        after = _lookup(now, key)
+        before, after = _lookup(saved_cfg, key, _lookup(defaults, key)), _lookup(now, key)
         if isinstance(before, dict) and isinstance(after, dict):
             for sub in sorted(set(before) | set(after)):
                 if before.get(sub) != after.get(sub):
@@ -561,3 +595,12 @@ def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig, world_size: int) ->
         if before != after:
             return f"{key} was {before!r} when the snapshot was written and is {after!r} now"
     return None
+
+
+def _processes(n: int) -> str:
+    return f"{n} process{'es' if n > 1 else ''}"
+
+
+def _batch_shape(trainer: TrainerConfig, world_size: int) -> str:
+    accumulate = accumulate_for(trainer, world_size)
+    return f"{_processes(world_size)} × batch {trainer.batch_size} × accumulate {accumulate}"

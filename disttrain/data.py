@@ -6,16 +6,17 @@ may declare `loss = "cross_entropy"` or `"mse"`; `trainer.loss=auto` takes it.
 
 from __future__ import annotations
 
+import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 
-from disttrain.config import ConfigError, TrainerConfig
+from disttrain.config import ConfigError, TrainerConfig, accumulate_for
 
 # torchdata calls a deprecated torch hook on import; the warning is noise for users.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -113,6 +114,21 @@ class RandomRegression(Dataset):
         return self.x[i], self.y[i]
 
 
+class EpochSampler(DistributedSampler):
+    """torch's DistributedSampler (rank r gets `perm[r::world]` of one permutation of (seed, epoch),
+    padded with repeats to a multiple of world), started at a rank-local position: how an epoch
+    continues after a resume, on any number of processes."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+
 def training_splits(
     dataset: Dataset, val_dataset: Dataset | None, trainer: TrainerConfig, world_size: int
 ) -> tuple[Dataset, Dataset | None]:
@@ -135,12 +151,13 @@ def training_splits(
         dataset = Subset(dataset, range(n - n_val))
     elif val_dataset is not None and _length("val_dataset", val_dataset) == 0:
         raise ConfigError("val_dataset: has no samples")
-    step = world_size * trainer.batch_size * trainer.accumulate
+    accumulate = accumulate_for(trainer, world_size)
+    step = world_size * trainer.batch_size * accumulate
     if len(dataset) < step:  # type: ignore[arg-type]
         raise ConfigError(
             f"data: the training split has {len(dataset)} samples, fewer than one optimizer step takes "  # type: ignore[arg-type]
             f"({world_size} process{'es' if world_size > 1 else ''} × trainer.batch_size "
-            f"{trainer.batch_size} × trainer.accumulate {trainer.accumulate} = {step})"
+            f"{trainer.batch_size} × trainer.accumulate {accumulate} = {step})"
         )
     return dataset, val_dataset
 

@@ -16,9 +16,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from disttrain.config import StrategyConfig
+from disttrain.data import EpochSampler
 from disttrain.dist import DistEnv
 
 log = logging.getLogger("disttrain")
@@ -40,9 +41,9 @@ class Strategy:
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def sampler(self, dataset: Dataset, shuffle: bool, seed: int) -> DistributedSampler:
+    def sampler(self, dataset: Dataset, shuffle: bool, seed: int) -> EpochSampler:
         # drop_last=False pads the last shard with repeats so every rank steps the same number of times.
-        return DistributedSampler(
+        return EpochSampler(
             dataset,
             num_replicas=self.env.world_size,
             rank=self.env.rank,

@@ -11,7 +11,7 @@ from the environment.
 from __future__ import annotations
 
 import contextlib
-import copy
+import hashlib
 import logging
 import math
 import random
@@ -19,7 +19,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,6 +33,7 @@ from disttrain.config import (
     ConfigError,
     OptimConfig,
     TrainConfig,
+    accumulate_for,
     checked,
     resolve_strategy,
     resume_mismatch,
@@ -114,8 +115,9 @@ class Counters:
 
     epoch: int = 0
     step: int = 0
-    #: Micro-batches of the current epoch already consumed (a multiple of `accumulate` mid-epoch).
-    batches_in_epoch: int = 0
+    #: Samples of the current epoch already consumed on all ranks together: the data position, the same
+    #: on any number of processes (a multiple of the global batch mid-epoch; DESIGN.md).
+    samples_in_epoch: int = 0
     last_loss: float = math.nan
     last_val_loss: float = math.nan
     best_val_loss: float = math.inf
@@ -136,8 +138,10 @@ class Counters:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        known = {f.name for f in fields(self)}
         for key, value in state.items():
-            setattr(self, key, value)
+            if key in known:
+                setattr(self, key, value)
 
 
 def rng_state() -> dict[str, Any]:
@@ -178,6 +182,12 @@ class StepResult(NamedTuple):
     #: Loss items (tokens) of the window on all ranks: counted, or the targets of a token dataset whose
     #: items are samples; None for other sample losses.
     items: float | None
+
+
+def derived_seed(seed: int, step: int, rank: int) -> int:
+    """A seed for rank `rank` of a run resumed at `step` on another number of processes."""
+    digest = hashlib.sha256(f"disttrain:{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
 
 
 def seed_everything(seed: int) -> None:
@@ -249,7 +259,8 @@ class Trainer:
         if val_dataset is not None:
             val_sampler = self.strategy.sampler(val_dataset, shuffle=False, seed=t.seed)
             self.val_loader = make_loader(val_dataset, val_sampler, *loading)
-        self.steps_per_epoch = math.ceil(len(self.loader) / t.accumulate)
+        self.accumulate = accumulate_for(t, self.env.world_size)
+        self.steps_per_epoch = math.ceil(len(self.loader) / self.accumulate)
         total_steps = t.max_epochs * self.steps_per_epoch
         self.total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
         self.scheduler = scheduler or make_scheduler(cfg.optim, optimizer, self.total_steps)
@@ -357,38 +368,37 @@ class Trainer:
         return False
 
     def _run_epoch(self) -> None:
-        c, k = self.counters, self.cfg.trainer.accumulate
+        c, k, world = self.counters, self.accumulate, self.env.world_size
+        micro_batch = world * self.cfg.trainer.batch_size  # samples of one micro-batch on all ranks
         # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
-        self.sampler.set_epoch(c.epoch)
-        # iter() draws a seed from the global RNG. A snapshot from inside an epoch holds the RNG after
-        # that draw: restored after iter(). One from the end of an epoch holds it before the next
-        # epoch's draw: restored before iter(), so the draw happens again as it did in the first life.
-        rng, loader = self._pending.pop("rng", None), self._pending.pop("loader", None)
-        if rng is not None and loader is None:
-            set_rng_state(rng)
-        if loader is not None:
-            self.loader.load_state_dict(loader)
+        # Mid-epoch (after a resume) the sampler starts at this rank's share of the samples consumed:
+        # rank r's i-th sample is the (r + i·world)-th of the epoch's one permutation, whatever world is.
+        self.sampler.set_epoch(c.epoch, start=c.samples_in_epoch // world)
+        # The loader draws its workers' seed from its own generator, not the global RNG, so a restored
+        # RNG is the one the first life had, before or after iter().
+        self.loader.generator = torch.Generator().manual_seed(self.cfg.trainer.seed + c.epoch)
+        if "rng" in self._pending:
+            set_rng_state(self._pending.pop("rng"))
         batches = iter(self.loader)
-        if rng is not None and loader is not None:
-            set_rng_state(rng)
-        n = len(self.loader)
+        n, done = len(self.loader), c.samples_in_epoch // micro_batch
         epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
-        while c.batches_in_epoch < n:
+        while done < n:
             tick = time.perf_counter()
-            window = [next(batches) for _ in range(min(k, n - c.batches_in_epoch))]
+            window = [next(batches) for _ in range(min(k, n - done))]
             data_time = time.perf_counter() - tick
             result = self._train_step(window)
             c.step += 1
-            c.batches_in_epoch += len(window)
+            done += len(window)
+            c.samples_in_epoch = done * micro_batch  # mid-epoch windows are whole: exact
             c.last_loss = result.loss
             epoch_loss, epoch_steps = epoch_loss + result.loss, epoch_steps + 1
-            epoch_done = c.batches_in_epoch == n
+            epoch_done = done == n
             log_line = epoch_done or c.step % self.cfg.trainer.log_every_steps == 0
             self._log_step(result, data_time, time.perf_counter() - tick, log_line)
             if epoch_done:
                 # Let the loader see the end of the epoch, else its next iterator continues this one.
                 next(batches, None)
-                c.epoch, c.batches_in_epoch = c.epoch + 1, 0
+                c.epoch, c.samples_in_epoch = c.epoch + 1, 0
             val_every = self.cfg.trainer.val_every_steps
             if epoch_done or (val_every and c.step % val_every == 0):
                 self._validate()
@@ -578,9 +588,8 @@ class Trainer:
             "counters": c.state_dict(),
         }
         # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
-        # an object training changes. rng_state() is new; a dataset's state_dict may not be.
-        loader = copy.deepcopy(self.loader.state_dict()) if c.batches_in_epoch else None
-        own = {"rng": rng_state(), "loader": loader}
+        # an object training changes (rng_state() is new). The data position is in the counters.
+        own = {"rng": rng_state()}
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg)}
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta)
 
@@ -591,7 +600,7 @@ class Trainer:
         mismatch = resume_mismatch(snap.manifest, self.cfg, self.env.world_size)
         if mismatch:
             raise SnapshotError(f"cannot resume from {snap.path}: {mismatch}")
-        shared, own = snap.load_shared(), snap.load_rank(self.env.rank)
+        shared = snap.load_shared()
         try:
             self.module.load_state_dict(shared["model"])
         except RuntimeError as e:
@@ -601,13 +610,20 @@ class Trainer:
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])
-        self._pending = {"rng": own["rng"]}
-        if own["loader"] is not None:
-            self._pending["loader"] = own["loader"]
+        written_by = snap.world_size
+        if "samples_in_epoch" not in shared["counters"]:  # a snapshot from before the global position
+            batch = snap.manifest["config"]["trainer"]["batch_size"]
+            self.counters.samples_in_epoch = shared["counters"]["batches_in_epoch"] * written_by * batch
+        if written_by == self.env.world_size:
+            self._pending = {"rng": snap.load_rank(self.env.rank)["rng"]}
+        else:
+            # A rank's RNG belongs to the world size that wrote it: each rank now draws from a stream
+            # derived from (seed, step, rank), the same every time this resume runs.
+            seed_everything(derived_seed(self.cfg.trainer.seed, self.counters.step, self.env.rank))
         if self.env.is_main:
-            log.info(
-                "resumed from %s (epoch %d, step %d)", snap.path, self.counters.epoch, self.counters.step
-            )
+            c, world = self.counters, self.env.world_size
+            moved = f", {written_by} -> {world} processes" if written_by != world else ""
+            log.info("resumed from %s (epoch %d, step %d%s)", snap.path, c.epoch, c.step, moved)
         return snap
 
     # -- reporting ------------------------------------------------------------------------------------
@@ -675,7 +691,7 @@ class Trainer:
             return
         c = self.counters
         val = f"  val loss {c.last_val_loss:.4f}" if self.val_loader is not None else ""
-        samples = steps * self.cfg.trainer.batch_size * self.cfg.trainer.accumulate * self.env.world_size
+        samples = steps * self.cfg.trainer.batch_size * self.accumulate * self.env.world_size
         self.progress.write(
             f"epoch {c.epoch}/{self.cfg.trainer.max_epochs}  step {c.step}  train loss {train_loss:.4f}{val}"
             f"  {samples / seconds:,.0f} samples/s"

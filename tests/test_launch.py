@@ -232,7 +232,7 @@ echo "disttrain: SLURM job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, restart ${{SLUR
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 head_addr=$(scontrol show node -o "$head_node" | grep -o "NodeAddr=[^ ]*" | cut -d= -f2)
 rdzv_port=$({sys.executable} -c {shlex.quote(FREE_PORT)})
-srun --ntasks-per-node=1 {sys.executable} -m torch.distributed.run \\
+srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 {sys.executable} -m torch.distributed.run \\
     --nnodes=$SLURM_NNODES --nproc-per-node=4 \\
     --rdzv-backend=c10d --rdzv-endpoint="$head_addr:$rdzv_port" --rdzv-id="$SLURM_JOB_ID" \\
     --max-restarts=0 \\

@@ -5,6 +5,7 @@ signal snapshots, requeues itself and resumes to the same parameters."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -163,3 +164,43 @@ def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster,
     assert res.returncode == 1, res.stdout + res.stderr
     assert f"SLURM job {job.group(1)} FAILED, exit code 1, restarts 0" in res.stdout
     assert slurm_cluster.job_state(job.group(1))["JobState"] == "FAILED"
+
+
+def test_a_two_node_job_preempted_and_requeued_on_one_node_continues(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    # The global batch is fixed (32 = 2 nodes × 1 × 16): on one node accumulate becomes 2.
+    job_args = ["launcher.nodes=2", "launcher.time=00:05:00", "snapshot.every_steps=10"]
+    job, _ = submit(slurm_cluster, tmp_path, "trainer.global_batch_size=32", *job_args)
+    run_dir = tmp_path / f"slurm-{job}"
+    deadline = time.monotonic() + 120
+    while last_step(run_dir) < 20:
+        assert slurm_cluster.job_state(job)["JobState"] in ("PENDING", "RUNNING"), job_log(tmp_path, job)
+        assert time.monotonic() < deadline, f"no step 20 in 120 s\n{job_log(tmp_path, job)}"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm_cluster.env, check=True, timeout=30)
+    slurm_cluster.wait_until(
+        job, lambda s: s.get("Restarts") == "1" and s.get("JobState") == "PENDING", 60, "requeued"
+    )
+    stopped = int(re.search(r"stopped by signal SIGUSR2 at step (\d+)", job_log(tmp_path, job)).group(1))
+    # The same snapshot, resumed by hand on one local process: what the requeued job must end on.
+    reference = tmp_path / "reference"
+    shutil.copytree(
+        run_dir / "snapshots" / f"step_{stopped:08d}", reference / "snapshots" / f"step_{stopped:08d}"
+    )
+    # What an admin (or a shrinking allocation) does to a requeued job: one node, one task.
+    shrink = ["scontrol", "update", f"JobId={job}", "NumNodes=1", "NumTasks=1"]
+    subprocess.run(shrink, env=slurm_cluster.env, check=True, timeout=30)
+    slurm_cluster.release(job)
+    state = slurm_cluster.wait_job(job, timeout=180)
+    log = job_log(tmp_path, job)
+    assert state["JobState"] == "COMPLETED", f"{state}\n{log}\n{slurm_cluster.logs()}"
+    assert f"SLURM job {job} on n[1-2], restart 0" in log and f"SLURM job {job} on n1, restart 1" in log
+    assert (
+        f"resumed from {run_dir}/snapshots/step_{stopped:08d} (epoch 0, step {stopped}, 2 -> 1 processes)"
+        in log
+    )
+    assert summary(run_dir)["world_size"] == 1 and summary(run_dir)["steps"] == 226
+    local = disttrain(*JOB, "trainer.global_batch_size=32", f"run_dir={reference}")
+    assert local.returncode == 0 and "2 -> 1 processes" in local.stderr, local.stderr[-3000:]
+    assert summary(run_dir)["params_sha256"] == summary(reference)["params_sha256"]

@@ -92,7 +92,8 @@ def render_script(cfg: TrainConfig, config_path: Path, log_path: Path, workdir: 
         'head_addr=$(scontrol show node -o "$head_node" | grep -o "NodeAddr=[^ ]*" | cut -d= -f2)',
         f"rdzv_port=$({shlex.quote(sys.executable)} -c {shlex.quote(FREE_PORT)})",
         env.rstrip("\n"),
-        "srun --ntasks-per-node=1 " + " \\\n    ".join(torchrun),
+        # One torchrun agent per node, whatever task count the job was submitted (or requeued) with.
+        'srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 ' + " \\\n    ".join(torchrun),
     ]
     return "\n".join(line for line in lines if line) + "\n"
 

@@ -1,0 +1,63 @@
+"""A dataset that logs the order its samples are read in, for the tests of resuming on another number
+of processes: each process appends the indices it reads to `$ORDER_LOG/rank<RANK>.txt`, one per line,
+as the loader reads them (num_workers=0: in the training process, in the order the steps consume them).
+The log dir comes from the environment, not the config: a resume compares the data's config."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+class LoggedRegression(Dataset):
+    """`size` samples of 8 features and a noisy sum, as dicts with their index; reading one takes
+    `delay` seconds, so that a kill lands while the job runs."""
+
+    def __init__(self, size: int = 192, delay: float = 0.0) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(size, 8, generator=g)
+        self.y = self.x.sum(1, keepdim=True) + 0.1 * torch.randn(size, 1, generator=g)
+        self.delay = delay
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        log_dir = Path(os.environ["ORDER_LOG"])
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / f"rank{os.environ.get('RANK', '0')}.txt", "a") as f:
+            f.write(f"{i}\n")
+        if self.delay:
+            time.sleep(self.delay)
+        return {"x": self.x[i], "y": self.y[i], "index": torch.tensor(i)}
+
+
+class Regressor(nn.Module):
+    """A dict batch's model: the mean squared error of a linear prediction (a mean over samples)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        return nn.functional.mse_loss(self.linear(x), y)
+
+
+def steps_read(log_dir: Path, first_step: int, global_batch: int) -> dict[int, list[int]]:
+    """step -> the samples it consumed, in the epoch's global order, from one life's logs: rank r's
+    i-th sample of a step is the step's (i·world + r)-th (DistributedSampler gives rank r perm[r::world]).
+    Only whole steps count (a killed life read samples of a step it never finished)."""
+    paths = sorted(log_dir.glob("rank*.txt"), key=lambda p: int(p.stem.removeprefix("rank")))
+    ranks = [[int(v) for v in p.read_text().split()] for p in paths]
+    world = len(ranks)
+    per_rank = global_batch // world
+    steps = {}
+    for j in range(min(map(len, ranks)) // per_rank):
+        chunk = [seq[j * per_rank : (j + 1) * per_rank] for seq in ranks]
+        steps[first_step + j] = [chunk[r][i] for i in range(per_rank) for r in range(world)]
+    return steps

@@ -1,0 +1,143 @@
+"""Resume on any number of processes: a job stopped on W processes continues on W' with the same global
+batch, every remaining sample of the epoch seen once, in the uninterrupted run's global order and
+grouping, and weights within fp32 reduction tolerance of the uninterrupted run."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from disttrain.snapshot import list_snapshots
+from tests.order import steps_read
+from tests.support import disttrain, kill_at_step, start, summary, tree_hashes
+
+#: 192 samples of tests/order.py, 16 per optimizer step (4 per micro-batch: accumulate 4 on 1 process,
+#: 2 on 2, 1 on 4), 12 steps an epoch, 2 epochs, a snapshot every 2 steps.
+JOB = [
+    "--config-dir", "tests/conf", "model=regressor", "data=logged", "trainer.global_batch_size=16",
+    "trainer.batch_size=4", "trainer.max_epochs=2", "trainer.val_fraction=0", "trainer.num_threads=1",
+    "snapshot.every_steps=2", "optim.lr=0.05",
+]  # fmt: skip
+STEPS = 24
+
+
+def on(world: int) -> list[str]:
+    return [] if world == 1 else ["launcher=torchrun", f"launcher.nproc_per_node={world}"]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    newest = list_snapshots(run_dir / "snapshots")[0]
+    return torch.load(newest.path / "shared.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, list[int]]]:
+    """The uninterrupted run (one process; the global order does not depend on the world size)."""
+    root = tmp_path_factory.mktemp("reference")
+    result = disttrain(*JOB, f"run_dir={root / 'run'}", ORDER_LOG=str(root / "log"))
+    assert result.returncode == 0, result.stderr
+    steps = steps_read(root / "log", 1, 16)
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert sorted(i for s in range(1, 13) for i in steps[s]) == list(range(192))  # an epoch: each once
+    return root / "run", steps
+
+
+def assert_continues_like(reference, run_dir: Path, lives: list[tuple[Path, int]]) -> None:
+    """Every step's samples, in order, are the uninterrupted run's; the weights end within tolerance."""
+    ref_dir, ref_steps = reference
+    seen: dict[int, list[int]] = {}
+    for log_dir, first_step in lives:  # a later life redoes the steps after the snapshot it resumed
+        seen.update(steps_read(log_dir, first_step, 16))
+    assert {s: seen.get(s) for s in ref_steps} == ref_steps
+    for name, tensor in final_weights(ref_dir).items():
+        torch.testing.assert_close(final_weights(run_dir)[name], tensor, rtol=1e-5, atol=1e-6)
+    s = summary(run_dir)
+    assert s["steps"] == STEPS
+    rows = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [int(re.search(r'"step": (\d+)', r).group(1)) for r in rows] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize(("before", "after"), [(4, 2), (2, 1), (1, 2), (2, 4)], ids=lambda w: str(w))
+def test_a_stopped_job_continues_on_another_number_of_processes(reference, tmp_path, before, after) -> None:
+    run_dir = tmp_path / "run"
+    first = disttrain(
+        *JOB, *on(before), "trainer.max_steps=6", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "1")
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = disttrain(*JOB, *on(after), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (
+        f"resumed from {run_dir}/snapshots/step_00000006 (epoch 0, step 6, {before} -> {after} processes)"
+        in again.stderr
+    )
+    assert summary(run_dir)["world_size"] == after
+    assert_continues_like(reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", 7)])
+
+
+def test_sigkill_mid_window_then_resume_on_two_processes(reference, tmp_path) -> None:
+    # One process, 4 micro-batches a step, reading a sample takes 10 ms: the kill lands inside a window,
+    # whose samples the resumed job reads again from the window's start (snapshots are at step ends).
+    run_dir = tmp_path / "run"
+    job = [*JOB, "data.delay=0.01", f"run_dir={run_dir}"]
+    kill_at_step(start(*job, ORDER_LOG=str(tmp_path / "1")), run_dir, 5)
+    resumed_at = list_snapshots(run_dir / "snapshots")[0].step
+    assert 0 < resumed_at < STEPS
+    again = disttrain(*job, *on(2), ORDER_LOG=str(tmp_path / "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(epoch 0, step {resumed_at}, 1 -> 2 processes)" in again.stderr
+    assert_continues_like(reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", resumed_at + 1)])
+
+
+def test_a_resume_that_would_change_the_global_batch_is_refused(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    first = disttrain(*JOB, "trainer.max_steps=2", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log"))
+    assert first.returncode == 0, first.stderr
+    before = tree_hashes(run_dir)
+    # Another world size with the global batch left to batch × accumulate × processes, or a batch size
+    # that changes it: refused, naming both shapes.
+    cases = [
+        (["trainer.global_batch_size=0", "trainer.accumulate=4"], 64, "2 processes × batch 8 × accumulate 4"),
+        (["trainer.global_batch_size=32"], 32, "2 processes × batch 8 × accumulate 2"),
+    ]
+    for overrides, now, now_shape in cases:
+        res = disttrain(
+            *JOB, *on(2), "trainer.batch_size=8", *overrides, f"run_dir={run_dir}", ORDER_LOG=str(tmp_path)
+        )
+        assert (res.returncode, res.stderr) == (
+            2,
+            f"disttrain: error: run_dir='{run_dir}': cannot resume: its optimizer steps took 16 samples "
+            f"(1 process × batch 4 × accumulate 4) and this job's take {now} ({now_shape}); set "
+            "trainer.global_batch_size=16 to keep the global batch on 2 processes\n",
+        )
+    indivisible = disttrain(*JOB, *on(3), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log"))
+    assert (indivisible.returncode, indivisible.stderr) == (
+        2,
+        "disttrain: error: trainer.global_batch_size=16: must be a multiple of 3 processes × "
+        "trainer.batch_size 4 = 12\n",
+    )
+    assert tree_hashes(run_dir) == before  # nothing touched
+
+
+def test_a_snapshot_from_before_the_global_position_resumes_on_its_world_size(tmp_path) -> None:
+    # Written by disttrain 3e61641 (per-rank loader state, no samples_in_epoch): the regression job on
+    # one process, stopped at step 3 of 8 in its first epoch.
+    old = Path(__file__).parent / "data" / "snapshot-before-global-position"
+    job = [
+        "model=regression",
+        "data=regression",
+        "data.size=256",
+        "trainer.num_threads=1",
+        "trainer.max_epochs=2",
+    ]
+    run_dir = tmp_path / "old"
+    shutil.copytree(old, run_dir / "snapshots" / "step_00000003")
+    resumed = disttrain(*job, f"run_dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run_dir}/snapshots/step_00000003 (epoch 0, step 3)" in resumed.stderr
+    straight = disttrain(*job, f"run_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    assert summary(run_dir)["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
