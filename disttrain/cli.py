@@ -31,6 +31,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, validate, world_size_of
 from disttrain.dist import placement
+from disttrain.metrics import check_log
 from disttrain.snapshot import SnapshotError, latest_manifest
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -132,6 +133,8 @@ def check_run_dir(cfg: TrainConfig, world_size: int) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"run_dir={cfg.run_dir!r}: not writable ({e.strerror})") from None
+    if placement().rank == 0:  # the rank that writes the run files
+        check_log(run_dir)
     manifest = latest_manifest(run_dir)
     if manifest is not None:
         mismatch = resume_mismatch(manifest, cfg, world_size)
@@ -143,7 +146,6 @@ def freeze_config(cfg: TrainConfig, path: Path) -> Path:
     """Write the resolved config that workers read (atomically: a worker never reads half of it)."""
     from disttrain.snapshot import atomic_write
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
     atomic_write(path, lambda f: f.write(text.encode()))
     return path

@@ -36,7 +36,7 @@ from disttrain.dist import DistEnv, setup_distributed, teardown
 from disttrain.health import GradHealth, Verdict, grad_flow, halve_lr
 from disttrain.metrics import MetricsLog, params_sha256, peak_samples_per_s, read_metrics, write_summary
 from disttrain.progress import Progress, WandbRun
-from disttrain.snapshot import Snapshot, SnapshotError, SnapshotStore
+from disttrain.snapshot import RunFileError, Snapshot, SnapshotError, SnapshotStore
 from disttrain.strategy import make_strategy
 
 log = logging.getLogger("disttrain")
@@ -280,14 +280,10 @@ class Trainer:
         try:
             self._load_snapshot()
             self.metrics.open(resume_step=self.counters.step)
-            self._open_reporting()
-            start = time.perf_counter()
-            while not self._should_stop():
-                self._run_epoch()
-            # Rank 0 commits the last snapshot on its own thread: wait for it (a failure stops the run in
-            # one line) before the summary says the run is done, and before a SLURM requeue ends the job.
-            self.snapshots.wait()
-            summary = self._summary(time.perf_counter() - start)
+            try:
+                summary = self._train()
+            except RunFileError as e:  # metrics.jsonl or summary.json: say what is left to resume from
+                raise RunFileError(f"{e}; {self.snapshots.newest_good()}") from None
             clean = True
             return summary
         finally:
@@ -295,12 +291,24 @@ class Trainer:
                 self._stop_work.wait()
             self._stop_work = None
             self._close_reporting(clean)
-            self.metrics.close()
+            with contextlib.suppress(RunFileError):  # closed already unless an error is on its way out
+                self.metrics.close()
             if self._owns_process_group:
                 # The group goes now, and so must the DDP wrapper, whose reducer holds it: a gloo group
                 # still alive at interpreter exit can abort the process (dist.teardown).
                 self.model = self.module
                 teardown(clean)
+
+    def _train(self) -> dict[str, Any]:
+        self._open_reporting()
+        start = time.perf_counter()
+        while not self._should_stop():
+            self._run_epoch()
+        # Rank 0 commits the last snapshot on its own thread: wait for it (a failure stops the run in one
+        # line) before the summary says the run is done, and before a SLURM requeue ends the job.
+        self.snapshots.wait()
+        self.metrics.close()
+        return self._summary(time.perf_counter() - start)
 
     def request_stop(self, signum: int = signal.SIGTERM, *_: Any) -> None:
         """Signal-handler safe: only sets a flag; the run stops and snapshots at the next step boundary."""
