@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -32,15 +33,18 @@ from omegaconf.errors import MissingMandatoryValue
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, validate, world_size_of
 from disttrain.dist import placement
 from disttrain.metrics import check_log
+from disttrain.runlock import check_free
 from disttrain.snapshot import SnapshotError, latest_manifest
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-_START = time.strftime("%Y-%m-%d_%H-%M-%S")
+# The start time, and a random suffix: two jobs started in the same second must not share a run dir.
+_START = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{secrets.token_hex(3)}"
 
 
 def run_id() -> str:
     """A name for this run that every process of one job agrees on, also after a restart or requeue:
-    the SLURM job id (array task included), else torchrun's rendezvous id, else the start time."""
+    the SLURM job id (array task included), else torchrun's rendezvous id, else the start time with a
+    random suffix (the launcher's: workers read the frozen config, and rank 0's is broadcast)."""
     env = os.environ
     if "SLURM_ARRAY_JOB_ID" in env:
         return f"slurm-{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
@@ -133,7 +137,9 @@ def check_run_dir(cfg: TrainConfig, world_size: int) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"run_dir={cfg.run_dir!r}: not writable ({e.strerror})") from None
-    if placement().rank == 0:  # the rank that writes the run files
+    if placement().rank == 0:  # the rank that takes the lock and writes the run files
+        if cfg.launcher.node_rank == 0:  # multinode: node 0's launcher holds it for every node
+            check_free(run_dir)  # another job there comes first
         check_log(run_dir)
     manifest = latest_manifest(run_dir)
     if manifest is not None:
@@ -176,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         from disttrain.plot import main as plot_main
 
         return plot_main(args[1:])
+    from disttrain.runlock import acquire
     from disttrain.worker import configure_logging
 
     where = placement()
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if where.launched_by != "python":
             # Started by torchrun or srun: this process is one rank; rank 0 records the run.
             if where.rank == 0:
+                acquire(cfg.run_dir)  # this job's run dir until the process exits
                 write_run_files(cfg, args)
             from disttrain.worker import finish, train
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain.config import OptimConfig, TrainConfig, resolve_strategy, to_dict
+from disttrain import runlock
+from disttrain.config import ConfigError, OptimConfig, TrainConfig, resolve_strategy, to_dict
 from disttrain.data import make_loader, split
 from disttrain.dist import DistEnv, setup_distributed, teardown
 from disttrain.health import GradHealth, Verdict, grad_flow, halve_lr
@@ -275,9 +276,14 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train until max_epochs, max_steps, early stopping or a stop signal; return the summary."""
+        """Train until max_epochs, max_steps, early stopping or a stop signal; return the summary.
+
+        The run dir is this job's while fit() runs (runlock): rank 0 takes its lock unless this process
+        or its launcher holds it already; another job on it is refused in one line on every rank."""
         clean = False
+        release = lambda: None  # noqa: E731
         try:
+            release = self._hold_run_dir()
             self._load_snapshot()
             self.metrics.open(resume_step=self.counters.step)
             try:
@@ -293,6 +299,8 @@ class Trainer:
             self._close_reporting(clean)
             with contextlib.suppress(RunFileError):  # closed already unless an error is on its way out
                 self.metrics.close()
+            self.snapshots.settle()  # what this run leaves is final before the run dir is let go
+            release()
             if self._owns_process_group:
                 # The group goes now, and so must the DDP wrapper, whose reducer holds it: a gloo group
                 # still alive at interpreter exit can abort the process (dist.teardown).
@@ -309,6 +317,24 @@ class Trainer:
         self.snapshots.wait()
         self.metrics.close()
         return self._summary(time.perf_counter() - start)
+
+    def _hold_run_dir(self) -> Any:
+        """Rank 0 takes the run dir's lock; every rank hears whether it could (a refused rank 0 alone
+        would leave the others waiting in their first collective)."""
+        failure: tuple[bool, str] | None = None
+        release: Any = lambda: None  # noqa: E731
+        if self.env.is_main:
+            try:
+                release = runlock.acquire(self.cfg.run_dir)
+            except (ConfigError, SnapshotError) as e:
+                failure = (isinstance(e, ConfigError), str(e))
+        if dist.is_initialized() and self.env.world_size > 1:
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure is not None:
+            raise (ConfigError if failure[0] else SnapshotError)(failure[1])
+        return release
 
     def request_stop(self, signum: int = signal.SIGTERM, *_: Any) -> None:
         """Signal-handler safe: only sets a flag; the run stops and snapshots at the next step boundary."""

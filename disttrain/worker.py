@@ -20,6 +20,7 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from disttrain import runlock
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict
 from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = read_config(Path(args[0]))
         if where.rank == 0:
+            runlock.acquire(cfg.run_dir)  # held until this process exits (a no-op if the launcher holds it)
             record_run(cfg, Path(args[0]))
         summary = train(cfg)
     except (ConfigError, SnapshotError) as e:

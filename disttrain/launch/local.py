@@ -10,13 +10,15 @@ from disttrain.config import TrainConfig
 
 def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
     from disttrain.cli import write_run_files
+    from disttrain.runlock import hold
     from disttrain.worker import train
 
     if cfg.launcher.dry_run:
         print(shlex.join([sys.executable, "-m", "disttrain", *overrides]))
         return 0
-    write_run_files(cfg, overrides)
-    summary = train(cfg)
+    with hold(cfg.run_dir):  # before the first run file: a second job here is refused, touching nothing
+        write_run_files(cfg, overrides)
+        summary = train(cfg)
     print(
         f"done: {summary['steps']} steps ({summary['stopped']}), final loss {summary['final_loss']:.4f}, "
         f"run dir {cfg.run_dir}"
