@@ -206,3 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SnapshotError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one (worker.StopNow)
+        message = str(e) or "interrupted by SIGINT; run the same command to resume"
+        print(f"disttrain: {message}", file=sys.stderr)
+        return 130

@@ -37,7 +37,7 @@ from disttrain.dist import DistEnv, setup_distributed, teardown
 from disttrain.health import GradHealth, Verdict, grad_flow, halve_lr
 from disttrain.metrics import MetricsLog, params_sha256, peak_samples_per_s, read_metrics, write_summary
 from disttrain.progress import Progress, WandbRun
-from disttrain.snapshot import RunFileError, Snapshot, SnapshotError, SnapshotStore
+from disttrain.snapshot import RunFileError, Snapshot, SnapshotError, SnapshotStore, step_dir_name
 from disttrain.strategy import make_strategy
 
 log = logging.getLogger("disttrain")
@@ -272,6 +272,7 @@ class Trainer:
         self._stop_next_step = 0
         self._stop_started_at: tuple[int, float] | None = None
         self._stop_reason = ""
+        self._snapshot_step: int | None = None  # of the newest snapshot saved or loaded, on every rank
         seed_everything(t.seed + self.env.rank)
 
     # -- the run ----------------------------------------------------------------------------------------
@@ -312,6 +313,8 @@ class Trainer:
         start = time.perf_counter()
         while not self._should_stop():
             self._run_epoch()
+        if self._stop_reason.startswith("stopped by signal") and self._snapshot_step != self.counters.step:
+            self._save_snapshot()  # stopped before its first step: a stop promises a snapshot of its step
         # Rank 0 commits the last snapshot on its own thread: wait for it (a failure stops the run in one
         # line) before the summary says the run is done, and before a SLURM requeue ends the job.
         self.snapshots.wait()
@@ -337,8 +340,9 @@ class Trainer:
         return release
 
     def request_stop(self, signum: int = signal.SIGTERM, *_: Any) -> None:
-        """Signal-handler safe: only sets a flag; the run stops and snapshots at the next step boundary."""
-        self._stop_signal = signum
+        """Signal-handler safe: only sets a flag; the run stops and snapshots at the next step boundary.
+        The first signal names the stop; later ones change nothing."""
+        self._stop_signal = self._stop_signal or signum
 
     def _should_stop(self) -> bool:
         t, c = self.cfg.trainer, self.counters
@@ -525,6 +529,7 @@ class Trainer:
         own = {"rng": rng_state(), "loader": loader}
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg)}
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta)
+        self._snapshot_step = c.step
 
     def _load_snapshot(self) -> Snapshot | None:
         snap = self.snapshots.find_latest()
@@ -543,6 +548,7 @@ class Trainer:
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])
+        self._snapshot_step = snap.step
         self._pending = {"rng": own["rng"]}
         if own["loader"] is not None:
             self._pending["loader"] = own["loader"]
@@ -631,6 +637,7 @@ class Trainer:
             "strategy": self.strategy.name,
             "precision": self.cfg.trainer.precision,
             "stopped": self._stop_reason,
+            "snapshot": step_dir_name(self._snapshot_step) if self._snapshot_step is not None else None,
             "seconds": seconds,
             "skipped_steps": c.skipped_steps,
             "explosions": c.explosions,

@@ -2,14 +2,14 @@
 
 The command is the one a user would type; `launcher.dry_run=true` prints it. Workers run
 `python -m disttrain.worker RUN_DIR/config.yaml` and read the frozen config. The `disttrain` process
-holds the run dir's lock (node 0's) while torchrun runs.
+holds the run dir's lock (node 0's) and stays torchrun's parent until the job ends (launch.supervise:
+signals passed on, nothing left behind).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -53,6 +53,7 @@ def torchrun_env(cfg: TrainConfig) -> dict[str, str]:
 
 def run_torchrun(cfg: TrainConfig, overrides: list[str]) -> int:
     from disttrain.cli import freeze_config, write_run_files
+    from disttrain.launch.supervise import supervise
     from disttrain.runlock import hold
 
     launcher = cfg.launcher
@@ -65,6 +66,6 @@ def run_torchrun(cfg: TrainConfig, overrides: list[str]) -> int:
     if launcher.node_rank == 0:
         with hold(cfg.run_dir):  # before the first run file: a second job here is refused, touching nothing
             write_run_files(cfg, overrides)
-            return subprocess.run(cmd, env=torchrun_env(cfg)).returncode
+            return supervise(cmd, torchrun_env(cfg), Path(cfg.run_dir))
     freeze_config(cfg, config_path)  # the other nodes' workers need a config; rank 0 records the run
-    return subprocess.run(cmd, env=torchrun_env(cfg)).returncode
+    return supervise(cmd, torchrun_env(cfg), Path(cfg.run_dir))
