@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return plot_main(args[1:])
     from disttrain.runlock import acquire
-    from disttrain.worker import configure_logging
+    from disttrain.worker import BuildError, configure_logging
 
     where = placement()
     configure_logging(where.rank)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         from disttrain.launch import launch
 
         return launch(cfg, args)
-    except (ConfigError, SnapshotError) as e:
+    except (ConfigError, SnapshotError, BuildError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one (worker.StopNow)

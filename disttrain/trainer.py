@@ -99,6 +99,11 @@ def make_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def class_name(obj: Any) -> str:
+    """`torch.optim.adamw.AdamW`: the class an object is, as its module names it."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def get_config_value(config: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         config = config.get(part) if isinstance(config, dict) else None
@@ -527,7 +532,7 @@ class Trainer:
         # an object training changes. rng_state() is new; a dataset's state_dict may not be.
         loader = copy.deepcopy(self.loader.state_dict()) if c.batches_in_epoch else None
         own = {"rng": rng_state(), "loader": loader}
-        meta = {"epoch": c.epoch, "config": to_dict(self.cfg)}
+        meta = {"epoch": c.epoch, "config": to_dict(self.cfg), "optimizer": class_name(self.optimizer)}
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta)
         self._snapshot_step = c.step
 
@@ -538,13 +543,25 @@ class Trainer:
         mismatch = resume_mismatch(snap.manifest, self.cfg, self.env.world_size)
         if mismatch:
             raise SnapshotError(f"cannot resume from {snap.path}: {mismatch}")
+        # A Trainer built in Python may get another optimizer than the config says (cfg.optim.name is
+        # only the config's): its state would load into the wrong slots, or fail at the first step.
+        written_by, mine = snap.manifest.get("optimizer"), class_name(self.optimizer)
+        if written_by is not None and written_by != mine:
+            raise SnapshotError(
+                f"cannot resume from {snap.path}: the optimizer differs: the snapshot was written with "
+                f"{written_by} and this Trainer has {mine}; resume with {written_by}, or start a new run_dir"
+            )
         shared, own = snap.load_shared(), snap.load_rank(self.env.rank)
         try:
             self.module.load_state_dict(shared["model"])
         except RuntimeError as e:
             detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
             raise SnapshotError(f"cannot resume from {snap.path}: the model differs: {detail}") from None
-        self.optimizer.load_state_dict(shared["optimizer"])
+        try:
+            self.optimizer.load_state_dict(shared["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # parameter groups of another shape
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SnapshotError(f"cannot resume from {snap.path}: the optimizer differs: {detail}") from None
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])

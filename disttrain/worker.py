@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from disttrain import runlock
-from disttrain.config import ConfigError, TrainConfig, load_config, to_dict
+from disttrain.config import ConfigError, TrainConfig, describe_exception, load_config, to_dict
 from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError, newest_snapshot
 from disttrain.trainer import Trainer, make_optimizer
@@ -54,17 +55,34 @@ def read_config(path: Path) -> TrainConfig:
     return load_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
 
 
+class BuildError(RuntimeError):
+    """A `_target_` that imported and took its arguments, but raised when built: one line, exit 1 (the
+    job had started: this is the user's code failing, not a config the checks could refuse)."""
+
+
 class StopNow(KeyboardInterrupt):
     """A second Ctrl-C: stop at once, without the snapshot the first one asked for (the newest one on
     disk stays whole: writes are atomic). A KeyboardInterrupt, so that no `except Exception` on its way
     out swallows it; the message is the one line to print."""
 
 
+def build(key: str, spec: dict[str, Any]) -> Any:
+    """`instantiate(spec)`, with a failure of the user's code in one line naming the `_target_`, the
+    exception and where it was raised (hydra's own message spans lines and repeats the config)."""
+    try:
+        return instantiate(spec)
+    except Exception as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        target = spec.get("_target_")
+        why = describe_exception(cause)
+        raise BuildError(f"{key}._target_={target!r}: building it raised {why}") from None
+
+
 def build_trainer(cfg: TrainConfig, env: Any) -> Trainer:
     """Model, data and optimizer from the config's `_target_`s; every rank initialises from one seed."""
-    dataset = instantiate(cfg.data)
+    dataset = build("data", cfg.data)
     torch.manual_seed(cfg.trainer.seed)
-    model = instantiate(cfg.model)
+    model = build("model", cfg.model)
     return Trainer(model, make_optimizer(cfg.optim, model), dataset, cfg, env=env)
 
 
@@ -248,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             runlock.acquire(cfg.run_dir)  # held until this process exits (a no-op if the launcher holds it)
             record_run(cfg, Path(args[0]))
         summary = train(cfg)
-    except (ConfigError, SnapshotError) as e:
+    except (ConfigError, SnapshotError, BuildError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     if where.local_rank == 0 and stopped_by(summary) is None:

@@ -523,6 +523,27 @@ def test_a_metrics_log_that_is_not_utf8_is_refused_on_resume_and_kept_as_it_is(t
 # ==== resume mismatches (the CLI's config check is in test_cli; world size in test_resume) ============
 
 
+def test_python_api_resume_with_another_optimizer_class_fails_in_one_line(tmp_path) -> None:
+    """cfg.optim.name says sgd either way: only the snapshot knows which optimizer wrote it. AdamW would
+    load SGD's state into its slots and fail at its first step with a KeyError."""
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.trainer.num_threads = 3, 16, 1
+    data = TokenCorpus(vocab_size=50, num_tokens=2000)
+
+    def fit(optimizer: type[torch.optim.Optimizer]) -> dict:
+        model = MLPLanguageModel(vocab_size=50)
+        return Trainer(model, optimizer(model.parameters(), lr=0.01), data, cfg).fit()
+
+    assert fit(torch.optim.SGD)["steps"] == 3
+    with pytest.raises(SnapshotError) as refused:
+        fit(torch.optim.AdamW)
+    assert str(refused.value) == (
+        f"cannot resume from {tmp_path}/run/snapshots/step_00000003: the optimizer differs: the snapshot was "
+        "written with torch.optim.sgd.SGD and this Trainer has torch.optim.adamw.AdamW; resume with "
+        "torch.optim.sgd.SGD, or start a new run_dir"
+    )
+
+
 def test_python_api_resume_into_a_model_of_another_shape_fails_in_one_line(tmp_path) -> None:
     """cfg.model still says hidden=64, so only the weights themselves can tell: load_state_dict's many-line
     error becomes one line naming the first difference."""
