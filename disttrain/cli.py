@@ -64,10 +64,12 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> int:
     where = placement()
     if where.launched_by != "python":
         # Started by torchrun or srun: this process is one rank; rank 0 records the run.
+        from disttrain.runlock import acquire
         from disttrain.worker import build_dataset, finish, train
 
         dataset = build_dataset(cfg, where.world_size)
         if where.rank == 0:
+            acquire(cfg.run_dir)  # this job's run dir until the process exits
             write_run_files(cfg, overrides)
         return finish(train(cfg, dataset))
     from disttrain.launch import launch, preflight
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return plot_main(args[1:])
     from disttrain.dist import placement
-    from disttrain.worker import configure_logging
+    from disttrain.worker import BuildError, configure_logging
 
     configure_logging(placement().rank)
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
@@ -114,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_sweep(opts.overrides, dirs)
         return run(load_config(compose(opts.overrides, dirs)), opts.overrides)
-    except (ConfigError, SnapshotError) as e:
+    except (ConfigError, SnapshotError, BuildError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second one (worker.StopNow)
+        message = str(e) or "interrupted by SIGINT; run the same command to resume"
+        print(f"disttrain: {message}", file=sys.stderr)
+        return 130

@@ -158,6 +158,9 @@ def check_job(cfg: TrainConfig) -> None:
 
 
 def check_run_dir(cfg: TrainConfig, world_size: int) -> None:
+    from disttrain.dist import placement
+    from disttrain.metrics import check_log
+    from disttrain.runlock import check_free
     from disttrain.snapshot import latest_manifest
 
     run_dir = Path(cfg.run_dir)
@@ -170,6 +173,10 @@ def check_run_dir(cfg: TrainConfig, world_size: int) -> None:
             pass
     except OSError as e:
         raise ConfigError(f"run_dir={cfg.run_dir!r}: not writable ({e.strerror})") from None
+    if placement().rank == 0:  # the rank that takes the lock and writes the run files
+        if cfg.launcher.node_rank == 0:  # multinode: node 0's launcher holds it for every node
+            check_free(run_dir)  # another job there comes first
+        check_log(run_dir)
     manifest = latest_manifest(run_dir)
     if manifest is not None:
         mismatch = resume_mismatch(manifest, cfg, world_size)

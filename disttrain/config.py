@@ -460,6 +460,8 @@ def resolve_target(key: str, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         _fail(f"{key}._target_", target, f"cannot be imported ({e})")
+    except Exception as e:  # the module itself fails while it is imported (a user's code, run here)
+        _fail(f"{key}._target_", target, f"cannot be imported: importing it raised {describe_exception(e)}")
     kwargs = {k: v for k, v in spec.items() if k != "_target_"}
     try:
         params = inspect.signature(obj).parameters
@@ -472,6 +474,20 @@ def resolve_target(key: str, spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]
                 hint = f"; did you mean {key}.{close[0]}?" if close else ""
                 _fail(f"{key}.{k}", v, f"{target} takes no such argument{hint}")
     return obj, kwargs
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line for an exception raised by a user's code: `ValueError: width must be positive
+    (mypkg/net.py:12)`, its type, the first line of its message, and where it was raised."""
+    import traceback
+
+    message = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    if isinstance(e, SyntaxError):
+        where, message = f"{e.filename}:{e.lineno}", e.msg
+    else:
+        frames = traceback.extract_tb(e.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f"{type(e).__name__}{': ' + message if message else ''}{f' ({where})' if where else ''}"
 
 
 def world_size_of(cfg: TrainConfig, environ: typing.Mapping[str, str] = os.environ) -> int:

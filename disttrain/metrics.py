@@ -13,18 +13,20 @@ Validation adds lines {step, epoch, val_loss}.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from disttrain.snapshot import atomic_write
+from disttrain.snapshot import RunFileError, atomic_write, os_reason
 
 #: Dense (no sparsity) peak TFLOP/s of one GPU, from the vendors' data sheets: (bf16/fp16 tensor cores,
 #: fp32 without TF32). Matched against torch.cuda.get_device_name() in this order, so "H100 PCIe" is
@@ -97,22 +99,22 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
-        self._file = None
+        self._file: Any = None
         self._records: list[dict[str, Any]] = []
         self._flush_at = 0.0
 
     def open(self, resume_step: int) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines(keepends=True)
-                if _step_of(line) <= resume_step
-            ]
+            kept = [line for line in read_lines(self.path) if _step_of(line) <= resume_step]
             atomic_write(self.path, lambda f: f.write("".join(kept).encode()))
-        self._file = open(self.path, "a")  # noqa: SIM115 - stays open for the whole run
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered: a write that fails leaves no buffer behind that Python would retry at exit.
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - open for the whole run
+        except OSError as e:
+            raise RunFileError(f"{self.path}: cannot be opened ({os_reason(e)})") from None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
@@ -123,16 +125,55 @@ class MetricsLog:
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.write("".join(json.dumps(r) + "\n" for r in self._records))
-            self._file.flush()
+            data = memoryview("".join(json.dumps(r) + "\n" for r in self._records).encode())
+            try:
+                while data:  # one write() a flush; a full disk may take part of it first
+                    data = data[self._file.write(data) :]
+            except OSError as e:
+                self._fail(e)
             self._records.clear()
 
     def close(self) -> None:
         if self._file is not None:
             self.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                os.fsync(self._file.fileno())
+                self._file.close()
+            except OSError as e:
+                self._fail(e)
             self._file = None
+
+    def _fail(self, e: OSError) -> typing.NoReturn:
+        """A full disk or an I/O error: the lines written so far stay as they are (a torn last one is
+        dropped by the next resume), the rest is given up, in one line, once."""
+        file, self._file = self._file, None
+        self._records.clear()
+        with contextlib.suppress(OSError):
+            file.close()  # type: ignore[union-attr]
+        raise RunFileError(f"{self.path}: not written ({os_reason(e)})") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """metrics.jsonl's lines. Bytes that are not UTF-8 are damage no kill leaves (json writes ASCII): the
+    file is refused as it is rather than cut back around lines that cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RunFileError(f"{path}: unreadable ({os_reason(e)})") from None
+    try:
+        return data.decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError as e:
+        raise RunFileError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): resuming would cut it "
+            "back around lines it cannot read; repair it or move it away, then run the same command"
+        ) from None
+
+
+def check_log(run_dir: Path) -> None:
+    """Raise the RunFileError that resuming would raise for the run's metrics.jsonl: the pre-flight
+    look, before any run file is rewritten."""
+    if (path := Path(run_dir) / "metrics.jsonl").exists():
+        read_lines(path)
 
 
 def _step_of(line: str) -> int:

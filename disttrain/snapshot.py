@@ -12,8 +12,11 @@ Rules:
   directory is fsynced and renamed to its final name, and `snapshots/` is fsynced. So a directory named
   `step_*` is always complete: a kill or a full disk leaves at most `.partial` files and directories,
   which the next start discards (they never were a snapshot).
-- Loading verifies every checksum, the manifest's own included; the newest snapshot that verifies wins,
-  and each one skipped is reported in one line. Every rank loads the one rank 0 chose.
+- Loading verifies every checksum, the manifest's own included, and loads every file (shared state and
+  each rank's) the way resume will; the newest snapshot that passes both wins, and each one skipped is
+  reported in one line. Every rank loads the one rank 0 chose.
+- `snapshots/` that is there but is no directory (a dangling symlink, a file) stops the run in one line:
+  read as "no snapshot", it would restart the run from step 0 and cut metrics.jsonl back to nothing.
 - Loading never unpickles code (`torch.load(weights_only=True)`).
 - Retention keeps the `keep_last` newest snapshots that verify and deletes only older ones and ones that
   failed verification: the newest good snapshot is never deleted, whatever happens to newer writes.
@@ -24,6 +27,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -57,6 +61,17 @@ TEST_SLOW_WRITE = "DISTTRAIN_TEST_SLOW_WRITE"
 
 class SnapshotError(RuntimeError):
     """A snapshot could not be written or none could be loaded; the message is one line."""
+
+
+class RunFileError(SnapshotError):
+    """Another file of the run dir (config, metrics.jsonl, summary, the lock) could not be written or read.
+    As durable as a snapshot failure: one line naming the file and the reason, exit code 1."""
+
+
+def os_reason(e: OSError) -> str:
+    """`[Errno 28] No space left on device`: the reason without the file name (which can be a temporary
+    name the user never sees)."""
+    return f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
 
 
 def rank_file(rank: int) -> str:
@@ -107,15 +122,20 @@ def save_fast(obj: Any, path: Path) -> None:
 
 def atomic_write(path: Path, write: Callable[[Any], Any]) -> str:
     """Write a file through `write(fileobj)` so that `path` either holds all of it or is untouched:
-    a temporary name in the same directory, fsync, rename, fsync the directory. Returns its sha256."""
+    a temporary name in the same directory (made if missing), fsync, rename, fsync the directory.
+    Returns its sha256. A full disk or any other I/O error is a RunFileError naming `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         sha = write_file(tmp, write)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise RunFileError(f"{path}: not written ({os_reason(e)})") from None
         raise
-    fsync_dir(path.parent)
     return sha
 
 
@@ -234,17 +254,48 @@ class Snapshot:
 
     def load_rank(self, rank: int) -> dict[str, Any]:
         name = rank_file(rank)
+        if name not in self.manifest["files"]:
+            raise SnapshotError(f"{self.path / name}: not in the manifest (it names {self.world_size} ranks)")
         return safe_load(self.path / name, self.manifest["files"][name])
+
+    def load_all(self) -> None:
+        """Load every file the way resume will (shared state and every rank's), and let go of them:
+        a file that verifies but refuses to load makes the snapshot unusable before any rank relies
+        on it (rank files are small: RNG states and a loader position)."""
+        self.load_shared()
+        for rank in range(self.world_size):
+            self.load_rank(rank)
 
 
 def list_snapshots(directory: Path) -> list[Snapshot]:
-    """Every `step_N` directory, newest first; neither manifests nor checksums verified yet."""
+    """Every `step_N` directory, newest first; neither manifests nor checksums verified yet.
+
+    No directory means no snapshot yet. Something else in its place (a dangling symlink, a file) is a
+    SnapshotError: read as "no snapshot", it would restart the run from step 0 and cut metrics.jsonl
+    back to nothing, while the snapshots may only be on a filesystem that is not mounted."""
+    if not directory.is_dir():
+        if directory.is_symlink() and not directory.exists():
+            raise SnapshotError(
+                f"{directory}: a symlink to {os.readlink(directory)}, which does not exist: the run's "
+                "snapshots are out of reach; restore the target, or remove the link to start afresh"
+            )
+        if directory.exists():
+            raise SnapshotError(f"{directory}: not a directory; move it away to start afresh")
+        return []
     found = []
-    if directory.is_dir():
-        for path in directory.glob("step_*"):
-            if path.is_dir() and _step_of(path) is not None:
-                found.append(Snapshot(path))
+    for path in directory.glob("step_*"):
+        if path.is_dir() and _step_of(path) is not None:
+            found.append(Snapshot(path))
     return sorted(found, key=lambda s: s.step, reverse=True)
+
+
+def newest_snapshot(run_dir: Path) -> str | None:
+    """The name of the newest committed snapshot of a run (committed means complete), or None."""
+    try:
+        found = list_snapshots(Path(run_dir) / "snapshots")
+    except SnapshotError:
+        return None
+    return found[0].path.name if found else None
 
 
 def latest_manifest(run_dir: Path) -> dict[str, Any] | None:
@@ -305,7 +356,10 @@ class SnapshotStore:
             if (other := _COMMITTING.get(self._key)) is not None:
                 other.result()
             self._discard_unfinished()
-            choice[0] = self._choose()
+            try:
+                choice[0] = self._choose()
+            except SnapshotError as e:  # every rank must hear it, not wait for a choice that never comes
+                choice[0] = str(e)
         choice[0] = self._broadcast(choice[0])
         if isinstance(choice[0], str):
             raise SnapshotError(choice[0])
@@ -333,7 +387,7 @@ class SnapshotStore:
         for snap in candidates:
             try:
                 snap.verify()
-                snap.load_shared()  # refuses pickled code and unreadable files before any rank relies on it
+                snap.load_all()  # refuses pickled code and unreadable files before any rank relies on them
             except SnapshotError as e:
                 log.warning("snapshot %s is unusable and was skipped: %s", snap.path.name, e)
                 errors.append(str(e))
@@ -423,9 +477,19 @@ class SnapshotStore:
         return failure
 
     def _not_written(self, name: str, why: str) -> str:
+        return f"snapshot {name} not written ({why}); {self.newest_good()}"
+
+    def newest_good(self) -> str:
+        """Rank 0: what a failure leaves to resume from, e.g. `newest good snapshot: step_00000100`."""
         good = max(self._good, default=None)
-        kept = f"newest good snapshot: {step_dir_name(good)}" if good is not None else "no earlier snapshot"
-        return f"snapshot {name} not written ({why}); {kept}"
+        return f"newest good snapshot: {step_dir_name(good)}" if good is not None else "no earlier snapshot"
+
+    def settle(self) -> None:
+        """Rank 0: let a commit in flight finish, without raising (not collective). For a run ending on
+        an error: what it leaves on disk is then final before the run dir is let go (runlock)."""
+        if self._committing is not None:
+            with contextlib.suppress(Exception):
+                self._committing.result()
 
     def _commit_in_background(
         self,

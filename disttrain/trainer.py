@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from disttrain import runlock
 from disttrain.config import (
     ConfigError,
     OptimConfig,
@@ -51,7 +52,7 @@ from disttrain.metrics import (
     write_summary,
 )
 from disttrain.progress import Progress, WandbRun
-from disttrain.snapshot import Snapshot, SnapshotError, SnapshotStore
+from disttrain.snapshot import RunFileError, Snapshot, SnapshotError, SnapshotStore, step_dir_name
 from disttrain.step import (
     DefaultStep,
     Step,
@@ -95,6 +96,11 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
             f"optimizer: {foreign} of its {len(held)} parameters are not the model's, so training would "
             "not change the model; build the optimizer from this model's parameters()"
         )
+
+
+def class_name(obj: Any) -> str:
+    """`torch.optim.adamw.AdamW`: the class an object is, as its module names it."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def make_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
@@ -286,23 +292,25 @@ class Trainer:
         self._stop_next_step = 0
         self._stop_started_at: tuple[int, float] | None = None
         self._stop_reason = ""
+        self._snapshot_step: int | None = None  # of the newest snapshot saved or loaded, on every rank
         seed_everything(t.seed + self.env.rank)
 
     # -- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train until max_epochs, max_steps, early stopping or a stop signal; return the summary."""
+        """Train until max_epochs, max_steps, early stopping or a stop signal; return the summary.
+
+        The run dir is this job's while fit() runs (runlock): rank 0 takes its lock unless this process
+        or its launcher holds it already; another job on it is refused in one line on every rank."""
         clean = False
+        release = lambda: None  # noqa: E731
         try:
+            release = self._hold_run_dir()
             self._load_snapshot()
             self.metrics.open(resume_step=self.counters.step)
-            self._open_reporting()
-            start = time.perf_counter()
-            while not self._should_stop():
-                self._run_epoch()
-            # Rank 0 commits the last snapshot on its own thread: wait for it (a failure stops the run in
-            # one line) before the summary says the run is done, and before a SLURM requeue ends the job.
-            self.snapshots.wait()
-            summary = self._summary(time.perf_counter() - start)
+            try:
+                summary = self._train()
+            except RunFileError as e:  # metrics.jsonl or summary.json: say what is left to resume from
+                raise RunFileError(f"{e}; {self.snapshots.newest_good()}") from None
             clean = True
             return summary
         finally:
@@ -310,16 +318,51 @@ class Trainer:
                 self._stop_work.wait()
             self._stop_work = None
             self._close_reporting(clean)
-            self.metrics.close()
+            with contextlib.suppress(RunFileError):  # closed already unless an error is on its way out
+                self.metrics.close()
+            self.snapshots.settle()  # what this run leaves is final before the run dir is let go
+            release()
             if self._owns_process_group:
                 # The group goes now, and so must the DDP wrapper, whose reducer holds it: a gloo group
                 # still alive at interpreter exit can abort the process (dist.teardown).
                 self.model = self.module
                 teardown(clean)
 
+    def _train(self) -> dict[str, Any]:
+        self._open_reporting()
+        start = time.perf_counter()
+        while not self._should_stop():
+            self._run_epoch()
+        if self._stop_reason.startswith("stopped by signal") and self._snapshot_step != self.counters.step:
+            self._save_snapshot()  # stopped before its first step: a stop promises a snapshot of its step
+        # Rank 0 commits the last snapshot on its own thread: wait for it (a failure stops the run in one
+        # line) before the summary says the run is done, and before a SLURM requeue ends the job.
+        self.snapshots.wait()
+        self.metrics.close()
+        return self._summary(time.perf_counter() - start)
+
+    def _hold_run_dir(self) -> Any:
+        """Rank 0 takes the run dir's lock; every rank hears whether it could (a refused rank 0 alone
+        would leave the others waiting in their first collective)."""
+        failure: tuple[bool, str] | None = None
+        release: Any = lambda: None  # noqa: E731
+        if self.env.is_main:
+            try:
+                release = runlock.acquire(self.cfg.run_dir)
+            except (ConfigError, SnapshotError) as e:
+                failure = (isinstance(e, ConfigError), str(e))
+        if dist.is_initialized() and self.env.world_size > 1:
+            box = [failure]
+            dist.broadcast_object_list(box, src=0)
+            failure = box[0]
+        if failure is not None:
+            raise (ConfigError if failure[0] else SnapshotError)(failure[1])
+        return release
+
     def request_stop(self, signum: int = signal.SIGTERM, *_: Any) -> None:
-        """Signal-handler safe: only sets a flag; the run stops and snapshots at the next step boundary."""
-        self._stop_signal = signum
+        """Signal-handler safe: only sets a flag; the run stops and snapshots at the next step boundary.
+        The first signal names the stop; later ones change nothing."""
+        self._stop_signal = self._stop_signal or signum
 
     def _should_stop(self) -> bool:
         t, c = self.cfg.trainer, self.counters
@@ -590,8 +633,9 @@ class Trainer:
         # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
         # an object training changes (rng_state() is new). The data position is in the counters.
         own = {"rng": rng_state()}
-        meta = {"epoch": c.epoch, "config": to_dict(self.cfg)}
+        meta = {"epoch": c.epoch, "config": to_dict(self.cfg), "optimizer": class_name(self.optimizer)}
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta)
+        self._snapshot_step = c.step
 
     def _load_snapshot(self) -> Snapshot | None:
         snap = self.snapshots.find_latest()
@@ -600,16 +644,30 @@ class Trainer:
         mismatch = resume_mismatch(snap.manifest, self.cfg, self.env.world_size)
         if mismatch:
             raise SnapshotError(f"cannot resume from {snap.path}: {mismatch}")
+        # A Trainer built in Python may get another optimizer than the config says (cfg.optim.name is
+        # only the config's): its state would load into the wrong slots, or fail at the first step.
+        saved_optimizer, mine = snap.manifest.get("optimizer"), class_name(self.optimizer)
+        if saved_optimizer is not None and saved_optimizer != mine:
+            raise SnapshotError(
+                f"cannot resume from {snap.path}: the optimizer differs: the snapshot was written with "
+                f"{saved_optimizer} and this Trainer has {mine}; resume with {saved_optimizer}, or start a "
+                "new run_dir"
+            )
         shared = snap.load_shared()
         try:
             self.module.load_state_dict(shared["model"])
         except RuntimeError as e:
             detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
             raise SnapshotError(f"cannot resume from {snap.path}: the model differs: {detail}") from None
-        self.optimizer.load_state_dict(shared["optimizer"])
+        try:
+            self.optimizer.load_state_dict(shared["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # parameter groups of another shape
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SnapshotError(f"cannot resume from {snap.path}: the optimizer differs: {detail}") from None
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])
+        self._snapshot_step = snap.step
         written_by = snap.world_size
         if "samples_in_epoch" not in shared["counters"]:  # a snapshot from before the global position
             batch = snap.manifest["config"]["trainer"]["batch_size"]
@@ -709,6 +767,7 @@ class Trainer:
             "strategy": self.strategy.name,
             "precision": self.cfg.trainer.precision,
             "stopped": self._stop_reason,
+            "snapshot": step_dir_name(self._snapshot_step) if self._snapshot_step is not None else None,
             "seconds": seconds,
             "skipped_steps": c.skipped_steps,
             "explosions": c.explosions,

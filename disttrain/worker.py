@@ -6,6 +6,7 @@ resolved twice and no worker writes Hydra output or changes directory.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -13,25 +14,41 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from disttrain.config import ConfigError, TrainConfig, load_config, register_resolvers, to_dict
+from disttrain import runlock
+from disttrain.config import (
+    ConfigError,
+    TrainConfig,
+    describe_exception,
+    load_config,
+    register_resolvers,
+    to_dict,
+)
 from disttrain.data import training_splits
 from disttrain.dist import distributed, placement
-from disttrain.snapshot import SnapshotError, freeze_config
+from disttrain.snapshot import SnapshotError, freeze_config, newest_snapshot
 from disttrain.trainer import Trainer, make_optimizer
 
 log = logging.getLogger("disttrain")
 
 #: Signals that mean "stop soon": SIGTERM (torchrun, SLURM at the time limit, preemption) and the
 #: warning signal the sbatch script asks for (USR2 by default; USR1 too, for clusters configured so).
+#: SIGINT (Ctrl-C) too; a second one, in a process that owns its terminal, means "stop now" (StopNow).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+#: Set by `disttrain launcher=torchrun|multinode` for its workers: its pid. A worker then dies with its
+#: torchrun, which dies with the launcher (PR_SET_PDEATHSIG): a launcher killed with SIGKILL leaves no
+#: worker training on as an orphan in a run dir whose lock went with the launcher.
+LAUNCHER_PID_ENV = "DISTTRAIN_LAUNCHER_PID"
 
 
 def read_config(path: Path) -> TrainConfig:
@@ -40,42 +57,129 @@ def read_config(path: Path) -> TrainConfig:
     return load_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
 
 
+class BuildError(RuntimeError):
+    """A `_target_` that imported and took its arguments, but raised when built: one line, exit 1 (the
+    job had started: this is the user's code failing, not a config the checks could refuse)."""
+
+
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without the snapshot the first one asked for (the newest one on
+    disk stays whole: writes are atomic). A KeyboardInterrupt, so that no `except Exception` on its way
+    out swallows it; the message is the one line to print."""
+
+
+def build(key: str, spec: dict[str, Any]) -> Any:
+    """`instantiate(spec)`, with a failure of the user's code in one line naming the `_target_`, the
+    exception and where it was raised (hydra's own message spans lines and repeats the config)."""
+    try:
+        return instantiate(spec)
+    except Exception as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        target = spec.get("_target_")
+        why = describe_exception(cause)
+        raise BuildError(f"{key}._target_={target!r}: building it raised {why}") from None
+
+
 def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
     """The config's dataset, refused in one line (ConfigError) when it is too small for a job of
     `world_size` processes: what a launcher checks before any process or run file exists."""
-    dataset = instantiate(cfg.data)
+    dataset = build("data", cfg.data)
     training_splits(dataset, None, cfg.trainer, world_size)
     return dataset
 
 
 def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) -> Trainer:
     """Model, data and optimizer from the config's `_target_`s; every rank initialises from one seed."""
-    dataset = instantiate(cfg.data) if dataset is None else dataset
+    dataset = build("data", cfg.data) if dataset is None else dataset
     torch.manual_seed(cfg.trainer.seed)
-    model = instantiate(cfg.model)
+    model = build("model", cfg.model)
     step = instantiate(cfg.step, _partial_=True) if cfg.step else None
     return Trainer(model, make_optimizer(cfg.optim, model), dataset, cfg, step=step, env=env)
+
+
+class StopSignals:
+    """This process's stop signals, from before the process group and the trainer exist (a signal during
+    start-up is kept, and stops the run at its first step boundary) until training ends.
+
+    The first signal asks the trainer to stop at the next step boundary and snapshot; later ones change
+    nothing, except a SIGINT in a process that owns its terminal (`interactive`: not a torchrun or srun
+    worker, whose launcher decides what a second Ctrl-C does), which raises StopNow."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self.signum = 0
+        self.trainer: Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (*STOP_SIGNALS, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        # The handlers hold the trainer, whose DDP reducer holds the process group: a group still alive
+        # at interpreter exit is freed there, and gloo then aborts the process.
+        self.trainer = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def attach(self, trainer: Trainer | None) -> None:
+        self.trainer = trainer
+        if trainer is not None and self.signum:
+            trainer.request_stop(self.signum)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signum and self.interactive:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C must not cut the way out short
+            raise StopNow()
+        self.signum = self.signum or signum
+        if self.trainer is not None:
+            self.trainer.request_stop(signum)
 
 
 def train(cfg: TrainConfig, dataset: Dataset | None = None) -> dict[str, Any]:
     """Train in this process, as one rank of the job its environment describes (on `dataset` when the
     caller built it already, see build_dataset)."""
-    with distributed(cfg.trainer.device, cfg.trainer.timeout_s) as env:
-        if env.world_size > 1:
-            # Every rank composed or read its own config; rank 0's is the run's (its run_dir above all).
-            box = [to_dict(cfg)]
-            dist.broadcast_object_list(box, src=0)
-            cfg = load_config(box[0])
-        trainer = build_trainer(cfg, env, dataset)
-        previous = {sig: signal.signal(sig, trainer.request_stop) for sig in STOP_SIGNALS}
+    with StopSignals(interactive=placement().launched_by == "python") as stops:
         try:
-            return trainer.fit()
-        finally:
-            # The handlers hold the trainer, whose DDP reducer holds the process group: a group still
-            # alive at interpreter exit is freed there, and gloo then aborts the process.
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            del trainer
+            with distributed(cfg.trainer.device, cfg.trainer.timeout_s) as env:
+                if env.world_size > 1:
+                    # Every rank composed or read its own config; rank 0's is the run's (its run_dir).
+                    box = [to_dict(cfg)]
+                    dist.broadcast_object_list(box, src=0)
+                    cfg = load_config(box[0])
+                trainer = build_trainer(cfg, env, dataset)
+                stops.attach(trainer)
+                try:
+                    return trainer.fit()
+                finally:
+                    stops.attach(None)
+                    del trainer
+        except StopNow:
+            # fit() has let its last commit finish: the newest snapshot on disk is the one to resume from.
+            raise StopNow(stopped_now_line(Path(cfg.run_dir))) from None
+
+
+def stopped_now_line(run_dir: Path) -> str:
+    newest = newest_snapshot(run_dir)
+    kept = f"the newest snapshot is {newest}" if newest else "no snapshot was written yet"
+    return f"stopped now by a second SIGINT: {kept}; run the same command to resume"
+
+
+def stopped_by(summary: dict[str, Any]) -> signal.Signals | None:
+    """The signal that stopped a run, from its summary; None if it ended otherwise."""
+    reason = str(summary.get("stopped", ""))
+    if not reason.startswith("stopped by signal "):
+        return None
+    return signal.Signals[reason.rsplit(" ", 1)[1]]
+
+
+def stop_line(summary: dict[str, Any]) -> str:
+    """The last line of a run a signal stopped (it is not done, and must not look done)."""
+    return (
+        f"disttrain: {summary['stopped']} at step {summary['steps']}: snapshot {summary['snapshot']} "
+        "written; run the same command to resume"
+    )
 
 
 def slurm_job_to_requeue(environ: Any = os.environ) -> str | None:
@@ -87,17 +191,26 @@ def slurm_job_to_requeue(environ: Any = os.environ) -> str | None:
 
 def finish(summary: dict[str, Any]) -> int:
     """What a rank does once fit() returned: inside a SLURM job that a signal stopped, rank 0 puts the
-    job back in the queue; its next attempt resumes from the snapshot the stop just wrote.
+    job back in the queue; its next attempt resumes from the snapshot the stop just wrote. Elsewhere a
+    stopped run's rank 0 says so in the last line (`stop_line`); the exit code is 128 + the signal,
+    except under torchrun (0: see below).
 
     Exit code 0 after a successful requeue: SLURM ends this attempt itself, and a non-zero exit would make
     a torchrun with max_restarts restart the group inside an allocation that is going away. A requeue
     that cannot happen (no scontrol, a job that is not requeueable) is exit 1 with one line: the run is
     not done, and must not look done.
     """
-    job = slurm_job_to_requeue()
-    if not str(summary.get("stopped", "")).startswith("stopped by signal") or job is None:
+    stopped = stopped_by(summary)
+    if stopped is None:
         return 0
-    if placement().rank != 0:
+    where, job = placement(), slurm_job_to_requeue()
+    if job is None:
+        if where.rank == 0:
+            print(stop_line(summary), file=sys.stderr, flush=True)
+        # Under torchrun a worker's non-zero exit is a failure: torchrun restarts the group (max_restarts)
+        # or reports a crash. Its launcher reads the stop from summary.json (launch.supervise).
+        return 0 if where.launched_by == "torchrun" else 128 + stopped
+    if where.rank != 0:
         return 0
     scontrol = shutil.which("scontrol")
     if scontrol is None:
@@ -107,6 +220,13 @@ def finish(summary: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 1
+    # Said before the requeue: SLURM cancels this attempt's processes as soon as it takes effect.
+    print(
+        f"disttrain: {summary['stopped']} at step {summary['steps']}: snapshot written, "
+        f"requeueing SLURM job {job}",
+        file=sys.stderr,
+        flush=True,
+    )
     res = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
     if res.returncode != 0:
         print(
@@ -115,12 +235,6 @@ def finish(summary: dict[str, Any]) -> int:
             file=sys.stderr,
         )
         return 1
-    print(
-        f"disttrain: {summary['stopped']} at step {summary['steps']}: snapshot written, "
-        f"SLURM job {job} requeued",
-        file=sys.stderr,
-        flush=True,
-    )
     return 0
 
 
@@ -140,18 +254,40 @@ def main(argv: list[str] | None = None) -> int:
     where = placement()
     configure_logging(where.rank)
     try:
+        die_with_launcher()
         cfg = read_config(Path(args[0]))
         if where.rank == 0:
+            runlock.acquire(cfg.run_dir)  # held until this process exits (a no-op if the launcher holds it)
             record_run(cfg, Path(args[0]))
         summary = train(cfg)
-    except (ConfigError, SnapshotError) as e:
+    except (ConfigError, SnapshotError, BuildError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    if where.local_rank == 0:
+    if where.local_rank == 0 and stopped_by(summary) is None:
         # One line per node: each machine's log shows it finished, and with which parameters.
         steps, sha = summary["steps"], summary["params_sha256"]
         print(f"disttrain: rank {where.rank} done: {steps} steps, params_sha256 {sha}", flush=True)
     return finish(summary)
+
+
+def die_with_launcher() -> None:
+    """Under `disttrain launcher=torchrun|multinode` (LAUNCHER_PID_ENV): die when this worker's torchrun
+    dies. torchrun starts each worker in a session of its own, so nothing else would stop a worker whose
+    launcher and torchrun were killed: it would train on, as an orphan, in a run dir no lock guards."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    # torchrun may have died before that call: then this worker's parent is no longer the launcher's child.
+    try:
+        stat = Path(f"/proc/{os.getppid()}/stat").read_text()
+        grandparent = int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return
+    if grandparent != int(launcher):
+        print(f"disttrain: error: the launcher (pid {launcher}) of this worker is gone", file=sys.stderr)
+        sys.exit(1)
 
 
 def record_run(cfg: TrainConfig, config_path: Path) -> None:

@@ -92,6 +92,44 @@ def kill_at_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: floa
     raise AssertionError(f"run did not reach step {step} in {timeout} s")
 
 
+def job_processes(run_dir: Path) -> list[int]:
+    """Running processes of the job on `run_dir` (every one names it on its command line: `disttrain`,
+    torchrun and the workers), this test's own excluded."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X") and str(run_dir) in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def gone(run_dir: Path, timeout: float = 10) -> list[int]:
+    """Wait until no process of the job on `run_dir` runs; return those still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while (left := job_processes(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> int:
+    """Wait until metrics.jsonl shows `step`; return the last step it shows."""
+    deadline = time.monotonic() + timeout
+    while (reached := last_step(run_dir)) < step:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"run ended before step {step}:\n{out}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"run did not reach step {step} in {timeout} s")
+        time.sleep(0.02)
+    return reached
+
+
 def last_step(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.exists():

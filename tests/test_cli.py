@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from disttrain.cli import main
-from tests.support import SMALL, disttrain, summary, tree_hashes
+from tests.support import ROOT, SMALL, disttrain, summary, tree_hashes
 
 BAD_INPUT = [
     (
@@ -44,6 +44,11 @@ BAD_INPUT = [
         ["run_dir=/proc/disttrain-run"],
         "run_dir='/proc/disttrain-run': not writable (No such file or directory)",
     ),
+    (  # a module that fails as it is imported, with something other than ImportError
+        ["model._target_=tests.targets_import_fails.Net"],
+        "model._target_='tests.targets_import_fails.Net': cannot be imported: importing it raised "
+        f"RuntimeError: this module needs a GPU driver ({ROOT}/tests/targets_import_fails.py:3)",
+    ),
 ]
 
 
@@ -72,6 +77,18 @@ def test_bad_input_from_the_shell_leaves_snapshots_untouched(tmp_path) -> None:
         "written and is 32 now\n"
     )
     assert summary(run_dir)["steps"] == 225
+
+
+@pytest.mark.parametrize("key", ["model", "data"])
+def test_a_target_that_raises_when_built_is_one_line(tmp_path, key) -> None:
+    """It imported and took its arguments, so the config was fine as far as the checks can tell: the job
+    started (exit 1, not 2), and the user's error comes in one line naming the target and where."""
+    result = disttrain(*SMALL, f"{key}._target_=tests.targets.FailsInInit", f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (
+        f"disttrain: error: {key}._target_='tests.targets.FailsInInit': building it raised ValueError: "
+        f"5 arguments, and none of them is width ({ROOT}/tests/targets.py:15)\n"
+    )
 
 
 def test_cfg_prints_the_resolved_config(capsys) -> None:

@@ -19,11 +19,11 @@ LAYERS = [
     ["data", "models", "step"],
     ["strategy"],
     ["snapshot"],
-    ["health", "metrics", "progress"],
+    ["runlock", "health", "metrics", "progress"],
     ["trainer"],
     ["worker"],
     ["compose", "conf"],
-    ["launch.local", "launch.torchrun", "launch.slurm", "launch"],
+    ["launch.supervise", "launch.local", "launch.torchrun", "launch.slurm", "launch"],
     ["sweep", "check", "plot"],
     ["cli", "__main__", ""],
 ]
@@ -42,7 +42,12 @@ def disttrain_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.module == "disttrain":  # `from disttrain import x`
+            names = [
+                f"disttrain.{a.name}" if (PACKAGE / f"{a.name}.py").exists() else "disttrain"
+                for a in node.names
+            ]
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module]
         for name in names:
             if name == "disttrain" or name.startswith("disttrain."):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import SMALL, disttrain, kill_at_step, losses, start, summary
+from tests.support import SMALL, disttrain, gone, kill_at_step, losses, start, summary
 
 DDP = ["launcher=torchrun", "launcher.nproc_per_node=2"]
 
@@ -23,6 +23,9 @@ def test_sigkill_mid_epoch_then_same_command_resumes_bit_exactly(tmp_path, launc
     run_dir = tmp_path / "killed"
     command = [*job, f"run_dir={run_dir}"]
     kill_at_step(start(*command), run_dir, kill_step)
+    # Nothing of the job trains on: torchrun's workers (each in a session of its own) die with their
+    # launcher, else they would race the resumed job in the run dir whose lock went with the launcher.
+    assert gone(run_dir) == []
     assert not (run_dir / "summary.json").exists()
     snapshots = [int(p.name.split("_")[1]) for p in (run_dir / "snapshots").glob("step_*")]
     assert snapshots and max(snapshots) < summary(tmp_path / "reference")["steps"]

@@ -100,7 +100,7 @@ def test_preempted_job_requeues_and_resumes(
     assert state["JobState"] == "COMPLETED", f"{state}\n{log}\n{slurm_cluster.logs()}"
     assert state["Restarts"] == "1"
     stopped = re.search(
-        r"stopped by signal SIGUSR2 at step (\d+): snapshot written, SLURM job (\d+) requeued",
+        r"stopped by signal SIGUSR2 at step (\d+): snapshot written, requeueing SLURM job (\d+)",
         log,
     )
     assert stopped and stopped.group(2) == job, log
@@ -182,7 +182,12 @@ def test_a_two_node_job_preempted_and_requeued_on_one_node_continues(
     slurm_cluster.wait_until(
         job, lambda s: s.get("Restarts") == "1" and s.get("JobState") == "PENDING", 60, "requeued"
     )
-    stopped = int(re.search(r"stopped by signal SIGUSR2 at step (\d+)", job_log(tmp_path, job)).group(1))
+    # Rank 0 prints its stop line once `scontrol requeue` returned: the job may be PENDING a moment earlier.
+    deadline = time.monotonic() + 30
+    while not (found := re.search(r"stopped by signal SIGUSR2 at step (\d+)", job_log(tmp_path, job))):
+        assert time.monotonic() < deadline, job_log(tmp_path, job)
+        time.sleep(0.1)
+    stopped = int(found.group(1))
     # The same snapshot, resumed by hand on one local process: what the requeued job must end on.
     reference = tmp_path / "reference"
     shutil.copytree(

@@ -20,10 +20,17 @@ from disttrain import TrainConfig, Trainer
 from disttrain.data import TokenCorpus
 from disttrain.dist import DistEnv
 from disttrain.models import MLPLanguageModel
-from disttrain.snapshot import Snapshot, SnapshotError, SnapshotStore, atomic_write, list_snapshots
+from disttrain.snapshot import (
+    RunFileError,
+    Snapshot,
+    SnapshotError,
+    SnapshotStore,
+    atomic_write,
+    list_snapshots,
+)
 from scripts.fault_inject import inject
 from tests.conftest import require
-from tests.support import SMALL, disttrain, losses, summary
+from tests.support import SMALL, disttrain, losses, summary, tree_hashes
 
 ONE_PROCESS = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 #: One epoch (225 steps), a snapshot every 50 steps and at the end, the 3 newest kept: 150, 200, 225.
@@ -80,8 +87,9 @@ def test_a_failed_atomic_write_leaves_the_old_file_whole_and_no_debris(tmp_path)
         assert path.read_bytes() == b"old"  # a reader during the write sees the old file
         raise OSError(errno.EIO, "Input/output error")
 
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(RunFileError) as failed:
         atomic_write(path, half_then_fail)
+    assert str(failed.value) == f"{path}: not written ([Errno 5] Input/output error)"
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
@@ -104,18 +112,25 @@ def test_a_snapshot_being_written_is_not_a_snapshot_until_committed(tmp_path, mo
 # ==== checksums and safe loading: every kind of bad snapshot ==========================================
 
 
-def _pickled_callable(d: Path) -> None:
-    torch.save({"w": RunsCode(d.parent.parent / "MARKER")}, d / "shared.pt")
+def _pickled_callable(d: Path, name: str = "shared.pt") -> None:
+    torch.save({"w": RunsCode(d.parent.parent / "MARKER")}, d / name)
     resign(d)
 
 
-def _foreign_bytes(d: Path) -> None:
-    (d / "shared.pt").write_bytes(bytes(range(256)) * 20)
+def _foreign_bytes(d: Path, name: str = "shared.pt") -> None:
+    (d / name).write_bytes(bytes(range(256)) * 20)
     resign(d)
 
 
-def _damaged_archive(d: Path) -> None:
-    truncate(d / "shared.pt")  # a torch zip archive cut short, vouched for by the manifest
+def _damaged_archive(d: Path, name: str = "shared.pt") -> None:
+    truncate(d / name)  # a torch zip archive cut short, vouched for by the manifest
+    resign(d)
+
+
+def _manifest_of_more_ranks(d: Path) -> None:
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["world_size"] = 2
+    (d / "manifest.json").write_text(json.dumps(manifest))
     resign(d)
 
 
@@ -148,6 +163,24 @@ BAD_SNAPSHOTS: dict[str, tuple[Callable[[Path], None], str]] = {
         _pickled_callable,
         "shared.pt: refused to load: it holds objects other than tensors and plain data, and disttrain never "
         "unpickles code (weights_only=True): Trying to load unsupported GLOBAL posix.system",
+    ),
+    # A rank file that verifies but refuses to load falls back like a shared.pt does (issue 11).
+    "rank-file-foreign-bytes-matching-checksum": (
+        lambda d: _foreign_bytes(d, "rank00000.pt"),
+        "rank00000.pt: unreadable (not a file torch.save wrote)",
+    ),
+    "rank-file-damaged-archive-matching-checksum": (
+        lambda d: _damaged_archive(d, "rank00000.pt"),
+        "rank00000.pt: unreadable (RuntimeError: ",
+    ),
+    "rank-file-pickled-callable-matching-checksum": (
+        lambda d: _pickled_callable(d, "rank00000.pt"),
+        "rank00000.pt: refused to load: it holds objects other than tensors and plain data, and disttrain "
+        "never unpickles code (weights_only=True): Trying to load unsupported GLOBAL posix.system",
+    ),
+    "manifest-of-more-ranks-than-files": (
+        _manifest_of_more_ranks,
+        "rank00001.pt: not in the manifest (it names 2 ranks)",
     ),
 }
 
@@ -205,7 +238,18 @@ def finished_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("damage", [flip_a_bit, truncate], ids=["bit-flipped", "truncated"])
+MISMATCH = "shared.pt: checksum mismatch (the file is corrupted or truncated)"
+CLI_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
+    "bit-flipped": (lambda d: flip_a_bit(d / "shared.pt"), MISMATCH),
+    "truncated": (lambda d: truncate(d / "shared.pt"), MISMATCH),
+    "rank-file-refuses-to-load": (
+        lambda d: _foreign_bytes(d, "rank00000.pt"),
+        "rank00000.pt: unreadable (not a file torch.save wrote)",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", CLI_DAMAGE, ids=list(CLI_DAMAGE))
 def test_cli_reports_a_bad_newest_snapshot_in_one_line_and_resumes_exactly_from_an_older_one(
     tmp_path, finished_run, damage
 ) -> None:
@@ -213,13 +257,14 @@ def test_cli_reports_a_bad_newest_snapshot_in_one_line_and_resumes_exactly_from_
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     (run_dir / "summary.json").unlink()
-    damage(run_dir / "snapshots" / "step_00000225" / "shared.pt")
+    spoil, reason = CLI_DAMAGE[damage]
+    spoil(run_dir / "snapshots" / "step_00000225")
 
     again = disttrain(*JOB, f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert [line for line in again.stderr.splitlines() if "unusable" in line] == [
         f"disttrain: snapshot step_00000225 is unusable and was skipped: {run_dir}/snapshots/step_00000225/"
-        "shared.pt: checksum mismatch (the file is corrupted or truncated)"
+        + reason
     ]
     assert f"resumed from {run_dir}/snapshots/step_00000200 " in again.stderr
     assert summary(run_dir)["params_sha256"] == summary(finished_run)["params_sha256"]
@@ -349,7 +394,154 @@ def test_a_full_disk_fails_the_job_in_one_line_and_the_previous_snapshot_stays_l
     assert summary(run_dir)["params_sha256"] == summary(tmp_path / "reference")["params_sha256"]
 
 
+def run_files(run_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a run but its lock file, which records its newest holder (every start
+    rewrites it): what a failed start must leave as it was."""
+    return {name: sha for name, sha in tree_hashes(run_dir).items() if name != ".lock"}
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Take all the free space of `disk` but `leave` bytes."""
+    free = os.statvfs(disk)
+    ballast = disk / "ballast"
+    ballast.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - leave))
+    return ballast
+
+
+def test_a_full_disk_outside_a_snapshot_write_is_one_line_and_cuts_nothing(tmp_path, small_disk) -> None:
+    """Every run file, not only snapshots: the first config.yaml of a new run, the config.yaml of a resumed
+    run, metrics.jsonl filling the disk mid-run. Then space is freed, and the same command ends exactly."""
+    job = [*SMALL, "trainer.max_epochs=1"]
+    ballast = fill(small_disk)
+    fresh = disttrain(*job, f"run_dir={small_disk}/new")
+    assert fresh.returncode == 1, fresh.stderr[-3000:]
+    assert fresh.stderr == (
+        f"disttrain: error: {small_disk}/new/.hydra/config.yaml: not written ([Errno 28] No space left on "
+        "device)\n"
+    )
+    ballast.unlink()
+
+    run_dir = small_disk / "run"
+    first = disttrain(*job, "trainer.max_steps=20", "snapshot.every_steps=10", f"run_dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before, original = run_files(run_dir), (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in original] == list(range(1, 21))
+    # No snapshot before step 200 in the resumed run: the disk fills with metrics.jsonl's lines first.
+    command = [*job, "trainer.max_steps=200", f"run_dir={run_dir}"]
+    ballast = fill(small_disk)
+    resumed = disttrain(*command)
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    assert resumed.stderr == (
+        f"disttrain: error: {run_dir}/.hydra/config.yaml: not written ([Errno 28] No space left on device)\n"
+    )
+    assert run_files(run_dir) == before
+    ballast.unlink()
+
+    # Room to rewrite every run file, and for about 15 kB of new metrics lines (3 pages): not 180 steps.
+    ballast = fill(small_disk, leave=3 * 4096)
+    full = disttrain(*command)
+    assert full.returncode == 1, full.stderr[-3000:]
+    assert full.stderr.splitlines()[-1] == (
+        f"disttrain: error: {run_dir}/metrics.jsonl: not written ([Errno 28] No space left on device); "
+        "newest good snapshot: step_00000020"
+    )
+    assert "Traceback" not in full.stderr and "Exception ignored" not in full.stderr
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert lines[:20] == original  # nothing cut: the resumed run's lines that fitted follow
+    assert len(lines) > 20
+    assert steps(run_dir) == [20, 10]
+    for snap in list_snapshots(run_dir / "snapshots"):
+        snap.verify()
+
+    ballast.unlink()
+    again = disttrain(*command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {run_dir}/snapshots/step_00000020 " in again.stderr
+    reference = disttrain(*command[:-1], f"run_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert summary(run_dir)["params_sha256"] == summary(tmp_path / "reference")["params_sha256"]
+    assert losses(run_dir) == losses(tmp_path / "reference")
+
+
+def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything_starts(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    before = tree_hashes(run_dir)
+    made = subprocess.run(["mount", "--bind", "-o", "ro", str(run_dir), str(run_dir)], capture_output=True)
+    require(None if made.returncode == 0 else f"cannot bind-mount read-only: {made.stderr.decode().strip()}")
+    try:
+        again = disttrain(*SMALL, "trainer.max_steps=10", f"run_dir={run_dir}")
+    finally:
+        subprocess.run(["umount", str(run_dir)], check=True)
+    assert again.returncode == 2, again.stderr
+    assert again.stderr == f"disttrain: error: run_dir='{run_dir}': not writable (Read-only file system)\n"
+    assert tree_hashes(run_dir) == before
+
+
+# ==== what else a run dir may hold: broken snapshots/, a damaged metrics.jsonl =========================
+
+
+@pytest.mark.parametrize("kind", ["dangling-symlink", "a-file"])
+def test_snapshots_that_are_no_directory_are_refused_and_metrics_stay_whole(tmp_path, kind) -> None:
+    """Read as "no snapshot", they would restart the run from step 0 and cut metrics.jsonl to nothing."""
+    run_dir = tmp_path / "run"
+    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    shutil.move(run_dir / "snapshots", tmp_path / "elsewhere")  # e.g. a filesystem not mounted
+    if kind == "dangling-symlink":
+        (run_dir / "snapshots").symlink_to(tmp_path / "unmounted" / "snapshots")
+        reason = (
+            f"a symlink to {tmp_path}/unmounted/snapshots, which does not exist: the run's snapshots are out "
+            "of reach; restore the target, or remove the link to start afresh"
+        )
+    else:
+        (run_dir / "snapshots").write_text("")
+        reason = "not a directory; move it away to start afresh"
+    before = tree_hashes(run_dir)
+    again = disttrain(*SMALL, "trainer.max_steps=10", f"run_dir={run_dir}")
+    assert again.returncode == 1, again.stderr
+    assert again.stderr == f"disttrain: error: {run_dir}/snapshots: {reason}\n"
+    assert tree_hashes(run_dir) == before
+
+
+def test_a_metrics_log_that_is_not_utf8_is_refused_on_resume_and_kept_as_it_is(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    metrics = run_dir / "metrics.jsonl"
+    data = metrics.read_bytes()
+    at = data.index(b"\n") + 10  # inside the second line: damage no kill leaves
+    metrics.write_bytes(data[:at] + b"\xff" + data[at + 1 :])
+    before = tree_hashes(run_dir)
+    again = disttrain(*SMALL, "trainer.max_steps=10", f"run_dir={run_dir}")
+    assert again.returncode == 1, again.stderr
+    assert again.stderr == (
+        f"disttrain: error: {metrics}: not UTF-8 text (byte 0xff at offset {at}): resuming would cut it back "
+        "around lines it cannot read; repair it or move it away, then run the same command\n"
+    )
+    assert tree_hashes(run_dir) == before  # refused before anything was rewritten, the lock included
+
+
 # ==== resume mismatches (the CLI's config check is in test_cli; world size in test_resume) ============
+
+
+def test_python_api_resume_with_another_optimizer_class_fails_in_one_line(tmp_path) -> None:
+    """cfg.optim.name says sgd either way: only the snapshot knows which optimizer wrote it. AdamW would
+    load SGD's state into its slots and fail at its first step with a KeyError."""
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.trainer.max_steps, cfg.trainer.batch_size, cfg.trainer.num_threads = 3, 16, 1
+    data = TokenCorpus(vocab_size=50, num_tokens=2000)
+
+    def fit(optimizer: type[torch.optim.Optimizer]) -> dict:
+        model = MLPLanguageModel(vocab_size=50)
+        return Trainer(model, optimizer(model.parameters(), lr=0.01), data, cfg).fit()
+
+    assert fit(torch.optim.SGD)["steps"] == 3
+    with pytest.raises(SnapshotError) as refused:
+        fit(torch.optim.AdamW)
+    assert str(refused.value) == (
+        f"cannot resume from {tmp_path}/run/snapshots/step_00000003: the optimizer differs: the snapshot was "
+        "written with torch.optim.sgd.SGD and this Trainer has torch.optim.adamw.AdamW; resume with "
+        "torch.optim.sgd.SGD, or start a new run_dir"
+    )
 
 
 def test_python_api_resume_into_a_model_of_another_shape_fails_in_one_line(tmp_path) -> None:

@@ -30,14 +30,19 @@ def device_preflight(trainer: TrainerConfig, processes: int) -> None:
 
 
 def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
-    from disttrain.worker import build_dataset, train
+    from disttrain.runlock import hold
+    from disttrain.worker import build_dataset, stop_line, stopped_by, train
 
     if cfg.launcher.dry_run:
         print(shlex.join([sys.executable, "-m", "disttrain", *overrides]))
         return 0
     dataset = build_dataset(cfg, 1)  # refused before the run dir holds anything
-    write_run_files(cfg, overrides)
-    summary = train(cfg, dataset)
+    with hold(cfg.run_dir):  # before the first run file: a second job here is refused, touching nothing
+        write_run_files(cfg, overrides)
+        summary = train(cfg, dataset)
+    if (signum := stopped_by(summary)) is not None:
+        print(stop_line(summary), file=sys.stderr, flush=True)
+        return 128 + signum
     print(
         f"done: {summary['steps']} steps ({summary['stopped']}), final loss {summary['final_loss']:.4f}, "
         f"run dir {cfg.run_dir}"

@@ -1,14 +1,15 @@
 """launcher=torchrun (one node) and launcher=multinode (one torchrun agent per machine, c10d rendezvous).
 
 The command is the one a user would type; `launcher.dry_run=true` prints it. Workers run
-`python -m disttrain.worker RUN_DIR/config.yaml` and read the frozen config.
+`python -m disttrain.worker RUN_DIR/config.yaml` and read the frozen config. The `disttrain` process
+holds the run dir's lock (node 0's) and stays torchrun's parent until the job ends (launch.supervise:
+signals passed on, nothing left behind).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -41,7 +42,10 @@ def torchrun_command(cfg: TrainConfig, config_path: Path) -> list[str]:
 
 
 def torchrun_env(cfg: TrainConfig) -> dict[str, str]:
-    env = dict(os.environ)
+    from disttrain.runlock import HELD_ENV, key_of
+
+    # The run dir's lock is held by the launcher (node 0's): the workers must not take it themselves.
+    env = dict(os.environ, **{HELD_ENV: str(key_of(cfg.run_dir))})
     if cfg.launcher.max_restarts:
         # Measured here: a restarted group that reuses the first attempt's TCPStore failed to connect
         # or hung in 7 of 9 restarts; a fresh store per attempt, 7 of 7 fine.
@@ -57,8 +61,12 @@ def run_torchrun(cfg: TrainConfig, overrides: list[str]) -> int:
     if launcher.dry_run:
         print(shlex.join(cmd))
         return 0
+    from disttrain.launch.supervise import supervise
+    from disttrain.runlock import hold
+
     if launcher.node_rank == 0:
-        write_run_files(cfg, overrides)
-    else:
-        freeze_config(cfg, config_path)  # the other nodes' workers need a config; rank 0 records the run
-    return subprocess.run(cmd, env=torchrun_env(cfg)).returncode
+        with hold(cfg.run_dir):  # before the first run file: a second job here is refused, touching nothing
+            write_run_files(cfg, overrides)
+            return supervise(cmd, torchrun_env(cfg), Path(cfg.run_dir))
+    freeze_config(cfg, config_path)  # the other nodes' workers need a config; rank 0 records the run
+    return supervise(cmd, torchrun_env(cfg), Path(cfg.run_dir))

@@ -1,0 +1,198 @@
+"""strategy=fsdp: FSDP2 (fully_shard) under real torchrun on gloo, sharded snapshots through DCP inside the
+atomic commit, exact resume, snapshots that move between FSDP and DDP/single, export to one plain file,
+torch.compile, and bad input in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from disttrain.metrics import params_sha256
+from disttrain.models import CharGPT
+from disttrain.snapshot import list_snapshots
+from tests.support import ROOT, SMALL, disttrain, env, kill_at_step, losses, start, summary, torchrun
+
+#: A small GPT on the generated corpus (2 blocks: 3 FSDP groups with the root), 2 processes.
+GPT = [
+    "experiment=gpt", "data.num_tokens=3000", "data.context=16", "model.n_layer=2", "model.n_embd=32",
+    "model.n_head=2", "trainer.batch_size=8", "trainer.max_steps=60", "trainer.val_every_steps=0",
+    "trainer.num_threads=1", "optim.warmup_steps=5",
+]  # fmt: skip
+FSDP = ["launcher=torchrun", "launcher.nproc_per_node=2", "strategy=fsdp"]
+
+
+def test_accumulation_communicates_once_per_step_and_the_norm_is_global(tmp_path) -> None:
+    out = tmp_path / "probe.json"
+    result = torchrun(ROOT / "tests" / "scripts" / "fsdp_probe.py", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = json.loads(out.read_text())
+    for probe in ranks:
+        one, four = probe["accumulate=1"], probe["accumulate=4"]
+        groups = one["groups"]
+        assert groups == 3  # CharGPT's 2 blocks, then the root
+        # The same collectives for a step of 4 micro-batches as for a step of one: one reduce-scatter per
+        # group, and all-gathers only on the window's first forward and its last backward.
+        for step in (*one["per_step"], *four["per_step"]):
+            assert step == {"all_gather": 2 * groups - 1, "reduce_scatter": groups}, (one, four)
+        assert len(four["per_step"]) == 3
+    # The norm clipped against is global: the same on both ranks, and one process's unsharded norm.
+    assert ranks[0]["accumulate=4"]["norms"] == ranks[1]["accumulate=4"]["norms"]
+    reference = single_process_first_norm(tmp_path)
+    assert ranks[0]["accumulate=4"]["norms"][0] == pytest.approx(reference, rel=1e-5)
+    # Non-finite gradients on rank 1 only: both ranks skip every step.
+    assert [r["poisoned"]["skipped"] for r in ranks] == [3, 3]
+
+
+def single_process_first_norm(tmp_path: Path) -> float:
+    """The first step's gradient norm of the probe's job in one process (accumulate 8: the same 32 samples)."""
+    code = f"""
+import torch, disttrain
+from disttrain import TrainConfig, Trainer
+from disttrain.config import TrainerConfig
+from disttrain.data import TokenCorpus
+from disttrain.models import CharGPT
+data = TokenCorpus(vocab_size=32, num_tokens=2000, context=8, sequence=True)
+disttrain.seed_everything(0)
+model = CharGPT(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+cfg = TrainConfig(run_dir={str(tmp_path / "single")!r}, trainer=TrainerConfig(batch_size=4, global_batch_size=32, max_steps=1, val_fraction=0))
+Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, cfg).fit()
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    row = json.loads((tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[0])
+    return row["grad_norm"]
+
+
+def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
+    job = [*GPT, *FSDP, "snapshot.every_steps=10"]
+    reference = disttrain(*job, f"run_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "killed"
+    kill_at_step(start(*job, f"run_dir={run_dir}"), run_dir, 25)
+    snap = list_snapshots(run_dir / "snapshots")[0]
+    # Sharded: each rank wrote its own shards through DCP, inside the checksummed commit.
+    files = json.loads((snap.path / "manifest.json").read_text())["files"]
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"} <= set(files)
+    assert "model" not in torch.load(snap.path / "shared.pt", weights_only=True)
+    again = disttrain(*job, f"run_dir={run_dir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    assert summary(run_dir)["params_sha256"] == summary(tmp_path / "reference")["params_sha256"]
+    assert losses(run_dir) == losses(tmp_path / "reference")
+    assert summary(run_dir)["strategy"] == "fsdp"
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = run_dir / "exported.pt"
+    res = disttrain("export", str(run_dir), "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [(["strategy=ddp", *FSDP[:2]], FSDP), (FSDP, []), (FSDP, ["launcher=torchrun", "launcher.nproc_per_node=2"])],
+    ids=["ddp-to-fsdp", "fsdp-to-one-process", "fsdp-to-ddp"],
+)
+def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, first, then) -> None:
+    # The global batch is fixed (16), so the data continues exactly; the weights agree with the run
+    # never interrupted within fp32 reduction tolerance.
+    job = [*GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "snapshot.every_steps=10"]
+    reference = disttrain(*job, *FSDP, f"run_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    stopped = disttrain(*job, *first, "trainer.max_steps=10", f"run_dir={run_dir}")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    again = disttrain(*job, *then, f"run_dir={run_dir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and summary(run_dir)["steps"] == 30
+    expected = final_weights(tmp_path / "reference")
+    for name, tensor in final_weights(run_dir).items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_export_writes_the_full_model_that_a_plain_model_loads(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    res = disttrain(*GPT, *FSDP, "trainer.max_steps=5", f"run_dir={run_dir}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    exported = disttrain("export", str(run_dir))
+    assert exported.returncode == 0, exported.stderr
+    assert re.fullmatch(r"exported the model of step_00000005 \(\d+ tensors, [\d.]+ MiB\) to .*model\.pt\n", exported.stdout)
+    model = CharGPT(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    assert params_sha256(model) == summary(run_dir)["params_sha256"]  # the full parameters, hashed
+
+
+def test_fsdp_mixed_precision_trains(tmp_path) -> None:
+    for precision in ("bf16", "fp16"):
+        run_dir = tmp_path / precision
+        res = disttrain(*GPT, *FSDP, f"trainer.precision={precision}", "trainer.max_steps=20", f"run_dir={run_dir}")
+        assert res.returncode == 0, res.stderr[-3000:]
+        rows = [r for r in (json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        applied = [r["loss"] for r in rows if not r["skipped"]]
+        assert len(applied) >= 10 and applied[-1] < applied[0], (precision, applied)
+
+
+BAD = [
+    (
+        ["strategy=fsdp"],
+        "strategy='fsdp': shards the model over the job's processes, and this job has 1; launch with torchrun "
+        "(launcher=torchrun launcher.nproc_per_node=N)",
+    ),
+    (
+        [*FSDP, "strategy.fsdp_blocks=[Nope]"],
+        "strategy.fsdp_blocks='Nope': matches no module of CharGPT (its classes: Block, CausalSelfAttention, "
+        "CharGPT, Embedding, GELU, LayerNorm, Linear, Sequential)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=["one-process", "no-such-block"])
+def test_bad_fsdp_input_is_one_line_and_starts_nothing(tmp_path, overrides, message) -> None:
+    res = disttrain(*GPT, *overrides, f"run_dir={tmp_path / 'run'}")
+    assert (res.returncode, res.stderr) == (2, f"disttrain: error: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_sharded_snapshot_into_another_shape_is_one_line(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    assert disttrain(*GPT, *FSDP, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    # The model config is compared before anything starts; a Python-built model of another shape is not.
+    shutil.rmtree(tmp_path / "run" / ".lock", ignore_errors=True)
+    code = f"""
+import torch, disttrain
+from disttrain import TrainConfig, Trainer
+from disttrain.config import StrategyConfig, TrainerConfig
+from disttrain.data import TokenCorpus
+from disttrain.models import CharGPT
+from disttrain.snapshot import SnapshotError
+data = TokenCorpus(vocab_size=256, num_tokens=3000, context=16, sequence=True)
+model = CharGPT(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=48)
+cfg = TrainConfig(run_dir={str(run_dir)!r}, strategy=StrategyConfig(name="fsdp"), trainer=TrainerConfig(batch_size=8, max_steps=10, val_fraction=0.02))
+try:
+    Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, cfg).fit()
+except SnapshotError as e:
+    print(e)
+"""
+    script = tmp_path / "resume.py"
+    script.write_text(code)
+    res = torchrun(script)
+    assert re.search(r"cannot resume from .*step_00000005: the model differs: rank \d: \w+Error: .*size", res.stdout), res.stdout + res.stderr[-2000:]
+
+
+def test_compile_trains_and_says_when_it_captures_nothing(tmp_path) -> None:
+    job = [*GPT, "trainer.max_steps=8", "trainer.compile=true"]
+    compiled = disttrain(*job, f"run_dir={tmp_path / 'compiled'}", timeout=600)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "torch.compile" not in compiled.stderr  # nothing to say: one graph, no recompiles
+    eager = disttrain(*GPT, "trainer.max_steps=8", f"run_dir={tmp_path / 'eager'}")
+    for (_, a), (_, b) in zip(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert eager.returncode == 0
