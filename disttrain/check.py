@@ -7,6 +7,8 @@ One optimizer step of the configured job, from the same weights and the same sam
     ddp           `--nproc` processes under torchrun, each a contiguous share of the samples
     ddp+accum     the same, each share in 2 micro-batches
     dp            DataParallel in one process
+    fsdp          FSDP2 over `--nproc` processes, each a contiguous share
+    fsdp+accum    the same, each share in 2 micro-batches
 
 Each variant runs the Trainer's own step (`Trainer._train_step`, no_sync included) and captures the
 gradients the optimizer is about to apply. Every variant is compared with the reference in the form of
@@ -30,7 +32,8 @@ import torch
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, validate
 
 SINGLE_PROCESS = {"single": ("single", 1), "accumulate": ("single", None), "dp": ("dp", 1)}
-DDP = {"ddp": 1, "ddp+accum": 2}
+#: The variants that run under torchrun: (strategy, micro-batches per rank).
+MULTI = {"ddp": ("ddp", 1), "ddp+accum": ("ddp", 2), "fsdp": ("fsdp", 1), "fsdp+accum": ("fsdp", 2)}
 
 
 def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[str, torch.Tensor] | None:
@@ -51,8 +54,9 @@ def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[
     def grab(optimizer: torch.optim.Optimizer, *_: Any) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if p.grad is not None:
-                    grads[names[p]] = p.grad.detach().double().cpu().clone()
+                if p.grad is not None:  # a sharded gradient is gathered (every rank calls this)
+                    grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                    grads[names[p]] = grad.detach().double().cpu().clone()
 
     trainer.optimizer.register_step_pre_hook(grab)
     trainer._train_step(window)
@@ -108,11 +112,13 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_variant_ddp(cfg: TrainConfig, args: argparse.Namespace, micro: int, tmp: Path, name: str) -> dict:
+def _run_variant_torchrun(
+    cfg: TrainConfig, args: argparse.Namespace, strategy: str, micro: int, tmp: Path, name: str
+) -> dict:
     import json
 
     data = to_dict(cfg)
-    data["strategy"]["name"] = "ddp"
+    data["strategy"]["name"] = strategy
     data["run_dir"] = str(tmp / name)
     config = tmp / f"{name}.json"
     config.write_text(json.dumps(data))
@@ -161,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             grads = capture_step(load_config(data), samples, micro or args.accumulate)
             assert grads is not None
             results[name] = grads
-        for name, micro in DDP.items():
-            results[name] = _run_variant_ddp(cfg, args, micro, Path(tmp), name)
+        for name, (strategy, micro) in MULTI.items():
+            results[name] = _run_variant_torchrun(cfg, args, strategy, micro, Path(tmp), name)
     return report(results, args.tol, mismatch_cause(cfg))
 
 

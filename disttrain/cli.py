@@ -9,6 +9,7 @@
                                            DIR/experiment/*.yaml, ...) beside the built-in ones
     disttrain check [OVERRIDE ...]         compare one step's gradients under every strategy
     disttrain plot RUN_DIR ... [-o F]      plot loss, grad norm and throughput of runs
+    disttrain export RUN_DIR [-o F]        the newest snapshot's model as one torch.save file
 
 Examples:
     disttrain                                                    # one process, gloo on CPU
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         from disttrain.plot import main as plot_main
 
         return plot_main(args[1:])
+    if args and args[0] == "export":
+        from disttrain.export import main as export_main
+
+        return export_main(args[1:])
     from disttrain.dist import placement
     from disttrain.worker import BuildError, configure_logging
 

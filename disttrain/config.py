@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("auto", "single", "ddp", "dp")
+STRATEGIES = ("auto", "single", "ddp", "dp", "fsdp")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("local", "torchrun", "multinode", "slurm")
 LOSSES = ("auto", "cross_entropy", "mse")
@@ -78,7 +78,7 @@ def _choice(default: str, choices: tuple[str, ...]) -> Any:
 
 @dataclass
 class StrategyConfig:
-    #: auto | single | ddp | dp. auto picks ddp when the job has more than one process, else single.
+    #: auto | single | ddp | dp | fsdp. auto picks ddp when the job has more than one process, else single.
     name: str = _choice("auto", STRATEGIES)
     #: DDP: size of a gradient all-reduce bucket in MiB (torch's default is 25).
     bucket_cap_mb: float = _number(25.0, low=0, open_low=True)
@@ -88,6 +88,14 @@ class StrategyConfig:
     static_graph: bool = False
     #: DDP: search for parameters that got no gradient (needed only by models with unused branches).
     find_unused_parameters: bool = False
+    #: FSDP: the modules sharded one by one, before the root: class names (GPT2Block) or module names
+    #: (transformer.h.0), fnmatch patterns allowed (transformer.h.*). Empty: the children of every
+    #: nn.ModuleList, and of every nn.Sequential of two or more modules of one class (a model's layers).
+    fsdp_blocks: list[str] = field(default_factory=list)
+    #: FSDP: free a block's gathered parameters after its forward and gather them again for backward
+    #: (less memory, one more all-gather per block and step). Between the micro-steps of an accumulation
+    #: window the parameters stay gathered either way: accumulation adds no communication.
+    reshard_after_forward: bool = True
 
 
 @dataclass
@@ -172,6 +180,10 @@ class TrainerConfig:
     #: Print a progress line every N optimizer steps when stdout is not a terminal (on a terminal rank 0
     #: draws a tqdm bar instead).
     log_every_steps: int = _number(200, low=1)
+    #: Compile the model with torch.compile (any strategy; nn.Module.compile, so state-dict keys do not
+    #: change). Needs a C++ compiler (g++, or $CXX). The compile cache is TORCHINDUCTOR_CACHE_DIR,
+    #: ~/.cache/disttrain/inductor unless set: a second run of the same model starts in seconds.
+    compile: bool = False
     #: Peak dense TFLOP/s of one device at the run's precision, for MFU in metrics.jsonl (0: look the GPU
     #: up in disttrain.metrics.PEAK_TFLOPS; no MFU on CPU or an unknown GPU unless set here). MFU needs a
     #: model that declares `flops_per_sample` (a number, or a method with no arguments).
@@ -547,6 +559,13 @@ def _validate_world(cfg: TrainConfig, world_size: int) -> None:
             name,
             "ddp needs more than one process; launch with torchrun "
             "(launcher=torchrun launcher.nproc_per_node=N) or use strategy=single",
+        )
+    if name == "fsdp" and world_size == 1:
+        _fail(
+            "strategy",
+            name,
+            "shards the model over the job's processes, and this job has 1; launch with torchrun "
+            "(launcher=torchrun launcher.nproc_per_node=N)",
         )
     if name in ("single", "dp") and world_size > 1:
         _fail("strategy", name, f"runs in one process but this job has {world_size}; use strategy=ddp")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from disttrain.sharded import DCP_DIR, read_model
-from disttrain.snapshot import SnapshotError, atomic_write, list_snapshots
+from disttrain.sharded import read_model
+from disttrain.snapshot import DCP_DIR, SnapshotError, atomic_write, list_snapshots
 
 
 def exported_state(run_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
@@ -28,7 +28,7 @@ def exported_state(run_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
     for snap in list_snapshots(run_dir / "snapshots"):
         try:
             snap.verify()
-            if f"{DCP_DIR}/.metadata" in snap.manifest["files"]:
+            if snap.sharded:
                 return snap.path.name, read_model(snap.path / DCP_DIR)
             return snap.path.name, snap.load_shared()["model"]
         except SnapshotError as e:

@@ -117,6 +117,11 @@ def halve_lr(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
         scheduler.base_lrs = [lr * 0.5 for lr in scheduler.base_lrs]
 
 
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A norm of sharded (FSDP) gradients is a replicated DTensor: its value as a plain tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 @torch.no_grad()
 def grad_flow(module: nn.Module) -> dict[str, float]:
     """The norm of each module's own parameter gradients (children not included), keyed by module name.
@@ -127,13 +132,13 @@ def grad_flow(module: nn.Module) -> dict[str, float]:
     in-place operations after the module. Here the norms are those of the gradients the optimizer
     applies (summed over the accumulation window, all-reduced, unscaled, before clipping), identical on
     every rank, and their root-sum-square is the logged global `grad_norm`. One host sync, on the steps
-    asked for only."""
+    asked for only; under FSDP a collective (every rank calls it)."""
     names, norms = [], []
     for name, sub in module.named_modules():
         grads = [p.grad for p in sub.parameters(recurse=False) if p.grad is not None]
         if grads:
             names.append(name or "(root)")
-            norms.append(nn.utils.get_total_norm(grads).float())
+            norms.append(full(nn.utils.get_total_norm(grads)).float())
     if not norms:
         return {}
     return dict(zip(names, torch.stack(norms).tolist(), strict=True))

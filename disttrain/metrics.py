@@ -75,9 +75,14 @@ def peak_samples_per_s(
 
 def params_sha256(model: nn.Module) -> str:
     """sha256 over the names and bytes of every tensor in the state dict, in the module's own order:
-    two runs that end on the same weights have the same hash."""
+    two runs that end on the same weights have the same hash. Sharded (FSDP) tensors are gathered one
+    at a time, so every rank must call it (and hashes the full parameters)."""
+    from torch.distributed.tensor import DTensor
+
     sha = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
         sha.update(name.encode())
         sha.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()

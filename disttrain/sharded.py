@@ -32,9 +32,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-#: The directory a snapshot keeps its sharded state in.
-DCP_DIR = "dcp"
-
 _METADATA = "torch.distributed.checkpoint.metadata"
 #: What `.metadata` may name: DCP's own records, torch's sizes and dtypes, and plain containers.
 _ALLOWED = {
@@ -109,12 +106,13 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None
     except BaseException as e:  # CheckpointException is a BaseException: it wraps every rank's failure
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise ShardedStateError(_first_failure(e)) from None
+        raise ShardedStateError(first_failure(e)) from None
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def _first_failure(e: BaseException) -> str:
+def first_failure(e: BaseException) -> str:
+    """One line for DCP's CheckpointException: the lowest failing rank's error."""
     failures = getattr(e, "failures", None)
     if isinstance(failures, dict) and failures:
         rank, failure = min(failures.items())
@@ -145,20 +143,6 @@ def _named_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str,
     return {
         "state": {names[i]: value for i, value in state["state"].items()},
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
-
-
-def plain_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: list[str]) -> dict[str, Any]:
-    """Collective: a sharded optimizer's state as torch's own state_dict() of the full model (parameters
-    as integers in `names`' order), on rank 0 ({} elsewhere): what a plain snapshot holds."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    named = get_optimizer_state_dict(model, optimizer, options=options)
-    if not named:
-        return {}
-    index = {name: i for i, name in enumerate(names)}
-    return {
-        "state": {index[name]: value for name, value in named["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
     }
 
 

@@ -51,6 +51,7 @@ log = logging.getLogger("disttrain")
 
 MANIFEST = "manifest.json"
 SHARED = "shared.pt"
+DCP_DIR = "dcp"  # an FSDP job's shards (disttrain.sharded)
 FORMAT = 2
 PARTIAL = ".partial"  # suffix of what a snapshot write leaves until its commit (or a kill leaves)
 REPLACED = ".replaced"  # suffix of a snapshot moved aside for a new one of the same step
@@ -240,6 +241,11 @@ class Snapshot:
     def world_size(self) -> int:
         return int(self.manifest["world_size"])
 
+    @property
+    def sharded(self) -> bool:
+        """The model and optimizer state are shards in `dcp/` (an FSDP job's), not in shared.pt."""
+        return f"{DCP_DIR}/.metadata" in self.manifest["files"]
+
     def verify(self) -> None:
         """Raise SnapshotError unless the manifest and every file it names match their sha256."""
         for name, sha in self.manifest["files"].items():
@@ -265,6 +271,13 @@ class Snapshot:
         self.load_shared()
         for rank in range(self.world_size):
             self.load_rank(rank)
+        if self.sharded:  # DCP's .metadata is a pickle: read it the safe way now (disttrain.sharded)
+            from disttrain.sharded import SafeReader
+
+            try:
+                SafeReader(str(self.path / DCP_DIR)).read_metadata()
+            except (pickle.UnpicklingError, OSError, EOFError) as e:
+                raise SnapshotError(f"{self.path / DCP_DIR / '.metadata'}: refused to load: {e}") from None
 
 
 def list_snapshots(directory: Path) -> list[Snapshot]:
@@ -408,8 +421,18 @@ class SnapshotStore:
         return True
 
     # -- saving ---------------------------------------------------------------------------------------
-    def save(self, step: int, shared: dict[str, Any], own: dict[str, Any], meta: dict[str, Any]) -> Path:
-        """Collectively write snapshot `step`: rank 0's `shared` state and every rank's `own` state.
+    def save(
+        self,
+        step: int,
+        shared: dict[str, Any],
+        own: dict[str, Any],
+        meta: dict[str, Any],
+        write_sharded: Callable[[Path], None] | None = None,
+    ) -> Path:
+        """Collectively write snapshot `step`: rank 0's `shared` state and every rank's `own` state, and
+        with `write_sharded(dir)` every rank's shards (DCP's files, written by every rank into one
+        directory on the training thread; the commit moves it into the snapshot as `dcp/` and hashes
+        every file in it like the others).
 
         The training loop pays only for serialisation: rank 0 writes `shared` to a `.partial` file and
         every other rank sends its small `own` state to rank 0, whose commit thread then writes the rank
@@ -423,11 +446,14 @@ class SnapshotStore:
         final = self.dir / step_dir_name(step)
         staging = self.dir / f".{final.name}{PARTIAL}"
         shared_file = self.dir / f".{final.name}.shared{PARTIAL}"
+        sharded_dir = self.dir / f".{final.name}.{DCP_DIR}{PARTIAL}" if write_sharded is not None else None
         owns = self._gather_to_main(own)
         message = None
+        failure = self._finish_commit() if self.env.is_main else None
+        if sharded_dir is not None:
+            failure = self._write_shards(write_sharded, sharded_dir, final.name, failure)  # type: ignore[arg-type]
         if self.env.is_main:
             # (snapshot name, why) of the previous snapshot's commit, else of this write.
-            failure = self._finish_commit()
             if failure is None:
                 try:
                     if not self._dir_made:  # a Python API run may have no run dir yet
@@ -450,7 +476,7 @@ class SnapshotStore:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(1, thread_name_prefix="disttrain-commit")
                 self._committing = self._pool.submit(
-                    self._commit_in_background, shared_file, staging, final, manifest, owns
+                    self._commit_in_background, shared_file, staging, final, manifest, owns, sharded_dir
                 )
                 _COMMITTING[self._key] = self._committing
             else:
@@ -458,6 +484,28 @@ class SnapshotStore:
         if (message := self._broadcast(message)) is not None:
             raise SnapshotError(message)
         return final
+
+    def _write_shards(
+        self, write: Callable[[Path], None], directory: Path, name: str, failure: tuple[str, str] | None
+    ) -> tuple[str, str] | None:
+        """Every rank writes its shards into `directory`, once rank 0 has said it may (its previous
+        commit may have failed; a rank writing alone would wait forever for the others); the failure,
+        the same on every rank, else None."""
+        if self.env.is_main and failure is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _remove(directory)  # what a killed earlier attempt at this step left
+        failure = self._broadcast(failure)
+        if failure is not None:
+            return failure
+        try:
+            write(directory)
+        except BaseException as e:  # DCP's CheckpointException (a BaseException) carries every rank's error
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            from disttrain.sharded import first_failure
+
+            failure = (name, first_failure(e))
+        return self._broadcast(failure)
 
     def wait(self) -> None:
         """Wait until the last snapshot is committed; SnapshotError on every rank if that failed.
@@ -498,16 +546,22 @@ class SnapshotStore:
         final: Path,
         manifest: dict[str, Any],
         owns: list[dict[str, Any]],
+        sharded_dir: Path | None = None,
     ) -> None:
-        """Rank 0's thread: checksum and fsync shared.pt, write every rank's file, commit, prune. It never
-        logs (a DataLoader may fork while it runs); an OSError waits in `_commit_failure` for the next
-        save or wait()."""
+        """Rank 0's thread: checksum and fsync shared.pt (and the shards), write every rank's file,
+        commit, prune. It never logs (a DataLoader may fork while it runs); an OSError waits in
+        `_commit_failure` for the next save or wait()."""
         try:
             # The directory is made here, not on the training thread: it costs as much as a small save.
             _remove(staging)  # an earlier attempt at this step, abandoned
             staging.mkdir()
             os.rename(shared_file, staging / SHARED)
             files = manifest["files"] = {SHARED: sha256_file(staging / SHARED, fsync=True)}
+            if sharded_dir is not None:
+                os.rename(sharded_dir, staging / DCP_DIR)
+                for path in sorted((staging / DCP_DIR).iterdir()):
+                    files[f"{DCP_DIR}/{path.name}"] = sha256_file(path, fsync=True)
+                fsync_dir(staging / DCP_DIR)
             for rank, own in enumerate(owns):
                 files[rank_file(rank)] = write_file(
                     staging / rank_file(rank), lambda f, o=own: torch.save(o, f)
@@ -517,6 +571,8 @@ class SnapshotStore:
         except OSError as e:
             _remove(staging)
             shared_file.unlink(missing_ok=True)
+            if sharded_dir is not None:
+                _remove(sharded_dir)
             self._commit_failure = (final.name, f"rank 0: {e}")
             return
         self._good.add(manifest["step"])

@@ -1,36 +1,50 @@
-"""Single process, DistributedDataParallel and DataParallel behind one small interface.
+"""Single process, DistributedDataParallel, DataParallel and FSDP2 behind one small interface.
 
 wrap(model)       the module the training step calls
 unwrap(model)     the user's module (what snapshots save and hashes cover)
 no_sync(model)    context for the non-final micro-steps of an accumulation window
 sampler(dataset)  which samples this process sees (a DistributedSampler in every case, so
                   `set_epoch` reshuffles the same way whatever the strategy)
+autocast_dtype()  the dtype the forward runs under autocast in (None: no autocast)
+make_scaler()     the gradient scaler (enabled for fp16 only)
+shards_parameters the parameters are sharded (FSDP): the optimizer is rebound to them, and snapshots
+                  go through torch.distributed.checkpoint
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
-from typing import ClassVar
+import os
+import shutil
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from disttrain.config import StrategyConfig
+from disttrain.config import ConfigError, StrategyConfig
 from disttrain.data import EpochSampler
 from disttrain.dist import DistEnv
 
 log = logging.getLogger("disttrain")
 
 
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Strategy:
     name: ClassVar[str] = "single"
+    shards_parameters: ClassVar[bool] = False
 
-    def __init__(self, env: DistEnv, cfg: StrategyConfig | None = None) -> None:
+    def __init__(self, env: DistEnv, cfg: StrategyConfig | None = None, precision: str = "fp32") -> None:
         self.env = env
         self.cfg = cfg or StrategyConfig()
+        self.precision = precision
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -40,6 +54,12 @@ class Strategy:
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        return _AUTOCAST.get(self.precision)
+
+    def make_scaler(self) -> Any:
+        return torch.amp.GradScaler(self.env.device.type, enabled=self.precision == "fp16")
 
     def sampler(self, dataset: Dataset, shuffle: bool, seed: int) -> EpochSampler:
         # drop_last=False pads the last shard with repeats so every rank steps the same number of times.
@@ -89,9 +109,135 @@ class DataParallelStrategy(Strategy):
         return model.module if isinstance(model, nn.DataParallel) else model
 
 
-STRATEGIES: dict[str, type[Strategy]] = {s.name: s for s in (Strategy, DDPStrategy, DataParallelStrategy)}
+class FSDPStrategy(Strategy):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`): each block's parameters, gradients and optimizer
+    state live in shards across the job's processes; a block's parameters are gathered for its forward
+    and backward. The blocks are `strategy.fsdp_blocks` (class or module names, fnmatch patterns), by
+    default the children of every nn.ModuleList (a transformer's layers); the root holds the rest
+    (embeddings and a tied output layer stay together there). bf16/fp16 become FSDP2's
+    MixedPrecisionPolicy (parameters in that dtype for compute, gradients reduced in fp32) instead of
+    autocast; fp16 adds FSDP's ShardedGradScaler.
+
+    Accumulation communicates once per optimizer step: on non-final micro-steps no reduce-scatter
+    (set_requires_gradient_sync(False)) and no all-gather (parameters stay gathered between micro-steps:
+    set_reshard_after_backward(False), and the blocks' set_reshard_after_forward(False)); the final
+    micro-step reshards as `strategy.reshard_after_forward` says and reduce-scatters once."""
+
+    name = "fsdp"
+    shards_parameters = True
+
+    def __init__(self, env: DistEnv, cfg: StrategyConfig | None = None, precision: str = "fp32") -> None:
+        super().__init__(env, cfg, precision)
+        self._blocks: list[nn.Module] = []
+        self._buffers: list[torch.Tensor] = []
+        self._syncing = True  # False inside no_sync: the micro-steps before the window's last
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        dtype = _AUTOCAST.get(self.precision)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+        self._blocks = find_blocks(model, self.cfg.fsdp_blocks)
+        for block in self._blocks:
+            fully_shard(
+                block, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=policy
+            )
+        root = fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: FSDP keeps it gathered
+        persistent = set(root.state_dict())
+        self._buffers = [b for name, b in root.named_buffers() if name in persistent]
+        if self._buffers:
+            root.register_forward_pre_hook(self._sync_before_forward)
+        return root
+
+    def sync_buffers(self) -> None:
+        """Every rank gets rank 0's buffers (BatchNorm's running statistics): FSDP shards parameters
+        only, and leaves buffers to each rank. As DDP's broadcast_buffers does, before each forward
+        that synchronises gradients; and before a snapshot, whose DCP write would otherwise keep any
+        one rank's copy of a buffer (equal keys of plain tensors count as replicated)."""
+        for buffer in self._buffers:
+            dist.broadcast(buffer, src=0)
+
+    def _sync_before_forward(self, module: nn.Module, _: Any) -> None:
+        if self._syncing and module.training and torch.is_grad_enabled():
+            self.sync_buffers()
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        self._syncing = False
+        model.set_requires_gradient_sync(False)
+        model.set_reshard_after_backward(False)
+        for block in self._blocks:
+            block.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            self._syncing = True
+            model.set_requires_gradient_sync(True)
+            model.set_reshard_after_backward(True)
+            for block in self._blocks:
+                block.set_reshard_after_forward(self.cfg.reshard_after_forward, recurse=False)
+
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None  # FSDP2's MixedPrecisionPolicy casts the parameters instead
+
+    def make_scaler(self) -> Any:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(self.env.device.type, enabled=self.precision == "fp16")
 
 
-def make_strategy(name: str, env: DistEnv, cfg: StrategyConfig | None = None) -> Strategy:
-    """`name` is a resolved strategy (single, ddp or dp), see `config.resolve_strategy`."""
-    return STRATEGIES[name](env, cfg)
+def _is_layer_list(module: nn.Module) -> bool:
+    """A list of a model's layers: an nn.ModuleList, or an nn.Sequential of 2+ modules of one class."""
+    if isinstance(module, nn.ModuleList):
+        return True
+    children = list(module.children())
+    return isinstance(module, nn.Sequential) and len(children) > 1 and len({type(c) for c in children}) == 1
+
+
+def find_blocks(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
+    """The modules FSDP shards one by one: those whose class name or module name matches one of
+    `patterns` (fnmatch), outermost only; with no patterns, the children of every nn.ModuleList.
+    ConfigError naming a pattern that matches no module."""
+    if not patterns:
+        return [child for m in model.modules() if _is_layer_list(m) for child in m]
+    found: list[tuple[str, nn.Module]] = []
+    for pattern in patterns:
+        matches = [
+            (name, m)
+            for name, m in model.named_modules()
+            if name and (fnmatch.fnmatchcase(type(m).__name__, pattern) or fnmatch.fnmatchcase(name, pattern))
+        ]
+        if not matches:
+            classes = ", ".join(sorted({type(m).__name__ for m in model.modules()}))
+            rule = f"matches no module of {type(model).__name__} (its classes: {classes})"
+            raise ConfigError(f"strategy.fsdp_blocks={pattern!r}: {rule}")
+        found += matches
+    names = sorted({name for name, _ in found})
+    outermost = [n for n in names if not any(n.startswith(f"{o}.") for o in names if o != n)]
+    modules = dict(model.named_modules())
+    return [modules[n] for n in outermost]
+
+
+def compiler_missing() -> str | None:
+    """None when torch.compile can build its kernels here (a C++ compiler: g++, or $CXX), else why not."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler):
+        return None
+    return (
+        f"torch.compile needs a C++ compiler and {compiler!r} is not on PATH "
+        "(apt-get install g++, or set CXX)"
+    )
+
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    s.name: s for s in (Strategy, DDPStrategy, DataParallelStrategy, FSDPStrategy)
+}
+
+
+def make_strategy(
+    name: str, env: DistEnv, cfg: StrategyConfig | None = None, precision: str = "fp32"
+) -> Strategy:
+    """`name` is a resolved strategy (single, ddp, dp or fsdp), see `config.resolve_strategy`."""
+    return STRATEGIES[name](env, cfg, precision)

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -29,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain import runlock
+from disttrain import runlock, sharded
 from disttrain.config import (
     ConfigError,
     OptimConfig,
@@ -42,7 +43,7 @@ from disttrain.config import (
 )
 from disttrain.data import make_loader, training_splits
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
-from disttrain.health import GradHealth, Verdict, grad_flow, halve_lr
+from disttrain.health import GradHealth, Verdict, full, grad_flow, halve_lr
 from disttrain.metrics import (
     ItemMeans,
     MetricsLog,
@@ -52,7 +53,7 @@ from disttrain.metrics import (
     write_summary,
 )
 from disttrain.progress import Progress, WandbRun
-from disttrain.snapshot import RunFileError, Snapshot, SnapshotError, SnapshotStore, step_dir_name
+from disttrain.snapshot import DCP_DIR, RunFileError, Snapshot, SnapshotError, SnapshotStore, step_dir_name
 from disttrain.step import (
     DefaultStep,
     Step,
@@ -65,7 +66,7 @@ from disttrain.step import (
     take,
     to_device,
 )
-from disttrain.strategy import make_strategy
+from disttrain.strategy import compiler_missing, make_strategy
 
 log = logging.getLogger("disttrain")
 # The schedule advances with every optimizer step, applied or skipped (non-finite gradients): torch
@@ -74,6 +75,8 @@ warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step
 
 #: Seconds of training between two agreements of the ranks on a stop signal (_stop_requested_anywhere).
 STOP_CHECK_SECONDS = 0.1
+#: trainer.compile: steps after which the Trainer looks at what torch.compile did (_say_how_compile_went).
+COMPILE_CHECK_STEPS = 5
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -253,9 +256,9 @@ class Trainer:
         self._owns_process_group = env is None and not dist.is_initialized()
         self.env = env or setup_distributed(t.device, t.timeout_s)
         self.run_dir = Path(cfg.run_dir)
-        self.strategy = make_strategy(resolve_strategy(cfg, self.env.world_size), self.env, cfg.strategy)
-        self.model = self.strategy.wrap(model.to(self.env.device))
-        self.module = self.strategy.unwrap(self.model)  # what snapshots save and hashes cover
+        name = resolve_strategy(cfg, self.env.world_size)
+        self.strategy = make_strategy(name, self.env, cfg.strategy, t.precision)
+        self.model, self.module = self._wrap(model, optimizer)
         self.optimizer = optimizer
         pin = self.env.device.type == "cuda"
         self.sampler = self.strategy.sampler(dataset, shuffle=True, seed=t.seed)
@@ -270,8 +273,8 @@ class Trainer:
         total_steps = t.max_epochs * self.steps_per_epoch
         self.total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
         self.scheduler = scheduler or make_scheduler(cfg.optim, optimizer, self.total_steps)
-        self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=t.precision == "fp16")
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.scaler = self.strategy.make_scaler()
+        self.autocast_dtype = self.strategy.autocast_dtype()
         self.counters = Counters()
         self.snapshots = SnapshotStore(self.run_dir, self.env, cfg.snapshot.keep_last)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
@@ -294,6 +297,57 @@ class Trainer:
         self._stop_reason = ""
         self._snapshot_step: int | None = None  # of the newest snapshot saved or loaded, on every rank
         seed_everything(t.seed + self.env.rank)
+
+    def _wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, nn.Module]:
+        """The model as the strategy runs it, and the user's module (what snapshots save and hashes
+        cover). FSDP shards the parameters in place into new DTensor parameters and moves each shard
+        to the device itself; the optimizer, built over the unsharded ones, is pointed at them by name
+        (it holds no state yet). torch.compile compiles the module in place (its state-dict keys
+        stay): before DDP or DataParallel wraps it, after FSDP shards it."""
+        compile_now = self.cfg.trainer.compile
+        if compile_now:
+            if (missing := compiler_missing()) is not None:
+                raise ConfigError(f"trainer.compile=True: {missing}")
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache/disttrain/inductor"))
+        if not self.strategy.shards_parameters:
+            model = model.to(self.env.device)
+            if compile_now:
+                model.compile()
+            wrapped = self.strategy.wrap(model)
+            return wrapped, self.strategy.unwrap(wrapped)
+        names = {id(p): n for n, p in model.named_parameters()}
+        wrapped = self.strategy.wrap(model)
+        sharded_params = dict(wrapped.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded_params[names[id(p)]] for p in group["params"]]
+        if compile_now:
+            wrapped.compile()
+        return wrapped, wrapped
+
+    def _say_how_compile_went(self) -> None:
+        """trainer.compile that compiled nothing, or that recompiles at every step, costs compile time
+        and gains nothing: said in one line (rank 0), with dynamo's reason."""
+        from torch._dynamo.utils import counters, get_compilation_metrics
+
+        if not self.env.is_main:
+            return
+        steps = COMPILE_CHECK_STEPS
+        if not counters["stats"]["unique_graphs"]:
+            breaks = "; ".join(sorted(counters["graph_break"])[:2]) or "the model's forward is not traced"
+            message = "captured no graph in %d steps, so the model runs eager (%s)"
+            log.warning("trainer.compile=true: torch.compile " + message, steps, breaks)
+        metrics = get_compilation_metrics()
+        recompiles = [m.recompile_reason for m in metrics if getattr(m, "recompile_reason", None)]
+        if len(recompiles) >= steps - 1:
+            message = "recompiled %d times in %d steps (last reason: %s)"
+            log.warning(
+                "trainer.compile=true: torch.compile " + message, len(recompiles), steps, recompiles[-1]
+            )
+
+    def _optimizer_names(self) -> list[str]:
+        """The optimizer's parameters' names, in its param_groups order (what its integer keys mean)."""
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        return [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]]
 
     # -- the run ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -330,6 +384,7 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         self._open_reporting()
+        self._compile_check_step = self.counters.step + COMPILE_CHECK_STEPS
         start = time.perf_counter()
         while not self._should_stop():
             self._run_epoch()
@@ -431,6 +486,8 @@ class Trainer:
             data_time = time.perf_counter() - tick
             result = self._train_step(window)
             c.step += 1
+            if self.cfg.trainer.compile and self._compile_check_step == c.step:
+                self._say_how_compile_went()
             done += len(window)
             c.samples_in_epoch = done * micro_batch  # mid-epoch windows are whole: exact
             c.last_loss = result.loss
@@ -572,15 +629,18 @@ class Trainer:
 
     def _grad_flow(self) -> dict[str, float] | None:
         every = self.cfg.health.grad_flow_every
-        if not (every and self.env.is_main and (self.counters.step + 1) % every == 0):
+        # Rank 0 logs it; sharded gradients need every rank for their norms.
+        mine = self.env.is_main or self.strategy.shards_parameters
+        if not (every and mine and (self.counters.step + 1) % every == 0):
             return None
         return grad_flow(self.module)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """The global gradient norm before clipping (what clip_grad_norm_ returns)."""
+        """The global gradient norm before clipping (what clip_grad_norm_ returns; over sharded gradients
+        a replicated DTensor, the same value on every rank: its plain value)."""
         if self.cfg.trainer.grad_clip_norm:
-            return nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.trainer.grad_clip_norm)
-        return nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None])
+            return full(nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.trainer.grad_clip_norm))
+        return full(nn.utils.get_total_norm([p.grad for p in self.module.parameters() if p.grad is not None]))
 
     @torch.no_grad()
     def _validate(self) -> None:
@@ -624,17 +684,20 @@ class Trainer:
         c = self.counters
         self.metrics.flush()  # every line up to this step reaches the file before the snapshot does
         shared = {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "counters": c.state_dict(),
         }
+        write_sharded = None
+        if self.strategy.shards_parameters:  # every rank writes its shards of the model and optimizer
+            write_sharded = self._write_shards
+        elif self.env.is_main:
+            shared |= {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
         # an object training changes (rng_state() is new). The data position is in the counters.
         own = {"rng": rng_state()}
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg), "optimizer": class_name(self.optimizer)}
-        self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta)
+        self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta, write_sharded)
         self._snapshot_step = c.step
 
     def _load_snapshot(self) -> Snapshot | None:
@@ -654,16 +717,7 @@ class Trainer:
                 "new run_dir"
             )
         shared = snap.load_shared()
-        try:
-            self.module.load_state_dict(shared["model"])
-        except RuntimeError as e:
-            detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-            raise SnapshotError(f"cannot resume from {snap.path}: the model differs: {detail}") from None
-        try:
-            self.optimizer.load_state_dict(shared["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:  # parameter groups of another shape
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SnapshotError(f"cannot resume from {snap.path}: the optimizer differs: {detail}") from None
+        self._load_model_and_optimizer(snap, shared)
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])
@@ -683,6 +737,35 @@ class Trainer:
             moved = f", {written_by} -> {world} processes" if written_by != world else ""
             log.info("resumed from %s (epoch %d, step %d%s)", snap.path, c.epoch, c.step, moved)
         return snap
+
+    def _write_shards(self, path: Path) -> None:
+        self.strategy.sync_buffers()  # rank 0's buffers, as every rank's next synchronised forward has
+        sharded.save(self.model, self.optimizer, path)
+
+    def _load_model_and_optimizer(self, snap: Snapshot, shared: dict[str, Any]) -> None:
+        """A sharded snapshot (FSDP's) loads through DCP into any strategy, resharded to this job; a
+        plain one (single/DDP/DP) loads as is, or into FSDP from rank 0's full state."""
+        differs = f"cannot resume from {snap.path}"
+        if snap.sharded:
+            try:
+                sharded.load(self.module, self.optimizer, snap.path / DCP_DIR)
+            except sharded.ShardedStateError as e:
+                raise SnapshotError(f"{differs}: the model differs: {e}") from None
+            return
+        if self.strategy.shards_parameters:
+            full_state = shared if self.env.is_main else None
+            sharded.load_full(self.model, self.optimizer, full_state, self._optimizer_names())
+            return
+        try:
+            self.module.load_state_dict(shared["model"])
+        except RuntimeError as e:
+            detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+            raise SnapshotError(f"{differs}: the model differs: {detail}") from None
+        try:
+            self.optimizer.load_state_dict(shared["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:  # parameter groups of another shape
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SnapshotError(f"{differs}: the optimizer differs: {detail}") from None
 
     # -- reporting ------------------------------------------------------------------------------------
     def _open_reporting(self) -> None:

@@ -88,6 +88,16 @@ def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
     return dataset
 
 
+def check_blocks(cfg: TrainConfig) -> None:
+    """strategy=fsdp: the blocks strategy.fsdp_blocks names exist, checked on a model built on the meta
+    device (no memory, no weights: cheap whatever the model's size) before any process starts."""
+    from disttrain.strategy import find_blocks
+
+    with torch.device("meta"):
+        model = build("model", cfg.model)
+    find_blocks(model, cfg.strategy.fsdp_blocks)
+
+
 def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) -> Trainer:
     """Model, data and optimizer from the config's `_target_`s; every rank initialises from one seed."""
     dataset = build("data", cfg.data) if dataset is None else dataset

@@ -92,3 +92,11 @@ class Unlabelled(PaddedSequences):
         super().__init__(size=size, vocab_size=vocab_size)
         for sample in self.samples:
             sample["labels"] = torch.full_like(sample["labels"], -100)
+
+
+class NotTraced(TinyLM):
+    """A model torch.compile cannot capture anything of (its forward is excluded from tracing)."""
+
+    @torch.compiler.disable
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return super().forward(input_ids, attention_mask, labels)

@@ -1,7 +1,8 @@
 """A dataset that logs the order its samples are read in, for the tests of resuming on another number
 of processes: each process appends the indices it reads to `$ORDER_LOG/rank<RANK>.txt`, one per line,
 as the loader reads them (num_workers=0: in the training process, in the order the steps consume them).
-The log dir comes from the environment, not the config: a resume compares the data's config."""
+The log dir comes from the environment, not the config: a resume compares the data's config. A worker
+that torchrun's elastic agent restarted logs into `restart<N>/` below it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class LoggedRegression(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         log_dir = Path(os.environ["ORDER_LOG"])
+        if restart := int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")):  # an elastic agent's next try
+            log_dir = log_dir / f"restart{restart}"
         log_dir.mkdir(parents=True, exist_ok=True)
         with open(log_dir / f"rank{os.environ.get('RANK', '0')}.txt", "a") as f:
             f.write(f"{i}\n")

@@ -10,7 +10,7 @@ from tests.support import ROOT, SMALL, disttrain, summary, tree_hashes
 BAD_INPUT = [
     (
         ["strategy=foo"],
-        "strategy='foo': no such option in conf/strategy/; choose one of auto, ddp, dp, single",
+        "strategy='foo': no such option in conf/strategy/; choose one of auto, ddp, dp, fsdp, single",
     ),
     (["trainer.accumulate=0"], "trainer.accumulate=0: must be at least 1"),
     (["trainer.batch_size=-4"], "trainer.batch_size=-4: must be at least 1"),

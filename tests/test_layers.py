@@ -18,13 +18,13 @@ LAYERS = [
     ["dist"],
     ["data", "models", "step"],
     ["strategy"],
-    ["snapshot"],
+    ["sharded", "snapshot"],
     ["runlock", "health", "metrics", "progress"],
     ["trainer"],
     ["worker"],
     ["compose", "conf"],
     ["launch.supervise", "launch.local", "launch.torchrun", "launch.slurm", "launch"],
-    ["sweep", "check", "plot"],
+    ["sweep", "check", "plot", "export"],
     ["cli", "__main__", ""],
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

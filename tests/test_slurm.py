@@ -70,9 +70,16 @@ def test_slurm_job_matches_the_local_run(
     assert (run_dir / "config.yaml").read_text().count(f"run_dir: {run_dir}\n") == 1
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_preempted_job_requeues_and_resumes(
-    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str
+    slurm_cluster: SlurmCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, strategy: str
 ) -> None:
+    if strategy == "ddp":
+        reference = reference_sha256(tmp_path_factory)
+    else:  # FSDP's sharded snapshots (DCP) through the same requeue; its own uninterrupted local run
+        local = disttrain(*JOB, "launcher=torchrun", "strategy=fsdp", f"run_dir={tmp_path / 'local'}")
+        assert local.returncode == 0, local.stderr[-3000:]
+        reference = summary(tmp_path / "local")["params_sha256"]
     # Snapshots every 10 steps (the weights do not depend on it) flush metrics.jsonl that often, so the
     # test sees step 20 well before the job's last step (226) rather than up to a second later.
     job, _ = submit(
@@ -81,6 +88,7 @@ def test_preempted_job_requeues_and_resumes(
         "launcher.nproc_per_node=2",
         "launcher.time=00:05:00",
         "snapshot.every_steps=10",
+        f"strategy={strategy}",
     )
     run_dir = tmp_path / f"slurm-{job}"
     deadline = time.monotonic() + 120

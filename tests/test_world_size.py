@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from disttrain.snapshot import list_snapshots
+from tests.clusters.netns import TwoHosts
 from tests.order import steps_read
-from tests.support import disttrain, kill_at_step, start, summary, tree_hashes
+from tests.support import ROOT, disttrain, env, kill_at_step, last_step, start, summary, tree_hashes
 
 #: 192 samples of tests/order.py, 16 per optimizer step (4 per micro-batch: accumulate 4 on 1 process,
 #: 2 on 2, 1 on 4), 12 steps an epoch, 2 epochs, a snapshot every 2 steps.
@@ -141,3 +145,48 @@ def test_a_snapshot_from_before_the_global_position_resumes_on_its_world_size(tm
     straight = disttrain(*job, f"run_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
     assert summary(run_dir)["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
+
+
+def test_an_elastic_job_that_loses_a_host_continues_on_the_other(
+    two_hosts: TwoHosts, reference, tmp_path
+) -> None:
+    # The user's own torchrun on two hosts (network namespaces), --nnodes=1:2: host 1's agent is killed,
+    # host 0's agent restarts its worker, the rendezvous closes with one node, and the job continues
+    # from the newest snapshot on one process.
+    run_dir, log = tmp_path / "run", tmp_path / "order"
+    endpoint = f"{two_hosts.addr(0)}:29400"
+    agents = []
+    for host in (0, 1):
+        conf = "is_host=1,last_call_timeout=2" if host == 0 else "last_call_timeout=2"
+        torchrun = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc-per-node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=elastic", "--rdzv-conf", conf,
+            f"--local-addr={two_hosts.addr(host)}", "--max-restarts=3", "--monitor-interval=0.5",
+        ]  # fmt: skip
+        argv = [*torchrun, "-m", "disttrain", *JOB, "data.delay=0.03", f"run_dir={run_dir}"]
+        agent_env = env(
+            GLOO_SOCKET_IFNAME=two_hosts.ifname(host),
+            ORDER_LOG=str(log),
+            TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+        )
+        agents.append(
+            two_hosts.run(
+                host, argv, env=agent_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while last_step(run_dir) < 6:
+        assert time.monotonic() < deadline and agents[0].poll() is None, agents[0].stdout.read()
+        time.sleep(0.05)
+    two_hosts.kill(1)  # host 1 is gone: its agent and its worker
+    out = agents[0].communicate(timeout=300)[0]
+    agents[1].wait()
+    assert agents[0].returncode == 0, out[-5000:]
+    resumed = re.search(r"resumed from \S+/step_(\d+) \(epoch 0, step \d+, 2 -> 1 processes\)", out)
+    assert resumed, out[-5000:]
+    restart = max(int(p.name.removeprefix("restart")) for p in log.glob("restart*"))
+    assert_continues_like(
+        reference, run_dir, [(log, 1), (log / f"restart{restart}", int(resumed.group(1)) + 1)]
+    )
+    assert summary(run_dir)["world_size"] == 1

@@ -8,13 +8,22 @@ GPUs asked for are there, and for SLURM whether sbatch exists and the partition'
 
 from __future__ import annotations
 
-from disttrain.config import TrainConfig
+from disttrain.config import ConfigError, TrainConfig
 
 
 def preflight(cfg: TrainConfig) -> None:
     """Machine probes for the launcher `cfg` names; ConfigError in one line when the machine cannot run
     the job as configured."""
     name = cfg.launcher.name
+    if cfg.trainer.compile:
+        from disttrain.strategy import compiler_missing
+
+        if (missing := compiler_missing()) is not None:
+            raise ConfigError(f"trainer.compile=True: {missing}")
+    if cfg.strategy.name == "fsdp":
+        from disttrain.worker import check_blocks
+
+        check_blocks(cfg)
     if name == "slurm":
         from disttrain.launch.slurm import preflight as slurm_preflight
 

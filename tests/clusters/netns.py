@@ -124,6 +124,13 @@ class TwoHosts:
         res = _run_ip(self._ip, "netns", "pids", name)
         return [int(p) for p in res.stdout.split() if p.isdigit()] if res.returncode == 0 else []
 
+    def kill(self, i: int) -> None:
+        """Host i dies: SIGKILL every process in its namespace (torchrun starts each worker in a session
+        of its own, so a process group kill would miss them)."""
+        for pid in self._ns_pids(self.names[i]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def close(self) -> None:
         # Anything still inside would keep the namespace alive after `ip netns del`; those pids are ours
         # (started by run() or by its children) because the namespaces are ours.

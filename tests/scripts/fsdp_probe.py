@@ -57,12 +57,14 @@ def job(accumulate: int, run_dir: Path, poison: bool = False) -> dict:
         return norm
 
     trainer._clip_gradients = recorded
-    if poison:  # rank 1's gradients become inf on every step: both ranks must skip
+    if poison:  # rank 1's loss, and so its gradients, become inf on every step: both ranks must skip
+        step = trainer.step
 
-        def poisoned(grad: torch.Tensor) -> torch.Tensor:
-            return grad * float("inf") if dist.get_rank() == 1 else grad
+        def poisoned(model, batch):
+            out = step(model, batch)
+            return out._replace(loss=out.loss * float("inf")) if dist.get_rank() == 1 else out
 
-        next(trainer.module.parameters()).register_hook(poisoned)
+        trainer.step = poisoned
     result = trainer.fit()
     calls.clear()
     del trainer
