@@ -270,3 +270,30 @@ def test_the_python_example_is_reproducible(tmp_path) -> None:
     assert shas[0] == shas[1] and re.fullmatch(r"[0-9a-f]{64}", shas[0])
     manifest = json.loads(next((tmp_path / "a" / "snapshots").glob("step_*/manifest.json")).read_text())
     assert manifest["config"]["step"] == {"_target_": "tests.lm.lm_step"}  # what a resume compares
+
+
+def test_a_python_loss_fn_is_a_plain_mean_and_validation_uses_it_too(tmp_path) -> None:
+    # No `reduction=` keyword needed: validation goes through the same step, weighted by samples.
+    from disttrain.data import RandomRegression
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ((out - target) ** 2).mean()
+
+    disttrain.seed_everything(0)
+    model = nn.Linear(20, 1)
+    cfg = TrainConfig(
+        run_dir=str(tmp_path), trainer=TrainerConfig(batch_size=16, max_epochs=2, val_fraction=0.25)
+    )
+    trainer = Trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), RandomRegression(size=128), cfg, loss_fn=loss_fn
+    )
+    val = trainer.val_loader.dataset
+    trainer.fit()
+    with torch.no_grad():
+        expected = loss_fn(
+            model(torch.stack([val[i][0] for i in range(len(val))])),
+            torch.stack([val[i][1] for i in range(len(val))]),
+        )
+    assert [r["val_loss"] for r in read_metrics(tmp_path) if "val_loss" in r][-1] == pytest.approx(
+        expected.item(), rel=1e-6
+    )
