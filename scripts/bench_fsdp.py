@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import math
 import os
@@ -191,6 +192,7 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
         out["allocated_after"] = torch.cuda.memory_allocated(env.device)
     del trainer, model
     if cuda:
+        gc.collect()  # the next run's model and optimizer state must not share the GPU with this one's
         torch.cuda.empty_cache()
     return out
 

@@ -219,13 +219,15 @@ def check_fsdp(args: argparse.Namespace, scratch: Path) -> str:
 
         layer.register_forward_pre_hook(hook)
 
+    clean = False
     try:
         res = gpt_run(args, scratch / "run", precision=args.precision, strategy="fsdp", env=env, probe=probe)
+        clean = True
     finally:
-        if env is not None:
+        if env is not None:  # the group made here (without env= the Trainer makes and ends its own)
             from disttrain.dist import teardown
 
-            teardown()
+            teardown(clean)
     want = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     if not seen.get("sharded") or seen.get("compute") != want:
         raise AssertionError(f"parameters sharded: {seen.get('sharded')}, forward in {seen.get('compute')}")
@@ -254,7 +256,8 @@ def check_compile(args: argparse.Namespace, scratch: Path) -> str:
     graphs = counters["stats"]["unique_graphs"]
     a, b = [r["loss"] for r in eager["rows"]], [r["loss"] for r in compiled["rows"]]
     worst = max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
-    if not graphs or worst > 2e-3:
+    tolerance = 2e-3 if args.device == "cpu" else 1e-2  # CUDA: other kernels, other rounding, 12 steps
+    if not graphs or worst > tolerance:
         raise AssertionError(f"{graphs} graphs compiled; losses differ from eager by {worst:.2e} relative")
     step = statistics.median(r["step_time_s"] for r in compiled["rows"][3:]) * 1e3
     eager_step = statistics.median(r["step_time_s"] for r in eager["rows"][3:]) * 1e3
@@ -436,6 +439,10 @@ def plan_checks(cuda: bool, gpus: int, scratch: Path) -> list[Check]:
     return checks
 
 
+#: Why two ranks on the one GPU could not run (NCCL's refusal), once the first FSDP check has found it.
+_REFUSED_ON_ONE_GPU: list[str] = []
+
+
 def run_check(check: Check, cuda: bool, gpus: int, scratch: Path, seconds_left: float) -> tuple[str, str]:
     if check.cuda_only and not cuda:
         return NEEDS_CUDA, "-"
@@ -455,6 +462,8 @@ def run_check(check: Check, cuda: bool, gpus: int, scratch: Path, seconds_left: 
     if same_gpu:
         if check.worker != "fsdp":  # "a 2-process job if 2 GPUs"
             return NEEDS_2_GPUS, f"{gpus} GPU on this machine"
+        if _REFUSED_ON_ONE_GPU:  # NCCL refused it for the first FSDP check: the same for the next
+            return NEEDS_2_GPUS, _REFUSED_ON_ONE_GPU[0]
         options.append("--same-gpu")
     out = scratch / f"{check.worker}-{len(os.listdir(scratch))}.json"
     me = [str(Path(__file__).resolve()), "--check", check.worker, "--device", device, *options]
@@ -471,11 +480,14 @@ def run_check(check: Check, cuda: bool, gpus: int, scratch: Path, seconds_left: 
         env["OMP_NUM_THREADS"] = "1"
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    if same_gpu:
+        timeout = min(timeout, 60.0)  # NCCL refuses at once, or the ranks hang: do not wait long
     try:
         proc = run([*torchrun, *me], timeout, env)
     except subprocess.TimeoutExpired:
         if same_gpu:
-            return NEEDS_2_GPUS, f"2 ranks on 1 GPU did not finish in {timeout:.0f} s"
+            _REFUSED_ON_ONE_GPU.append(f"2 ranks on 1 GPU did not finish in {timeout:.0f} s")
+            return NEEDS_2_GPUS, _REFUSED_ON_ONE_GPU[0]
         return FAILED, f"timed out after {timeout:.0f} s"
     results = [json.loads(p.read_text()) for p in sorted(scratch.glob(f"{out.name}.*"))]
     if not results:
@@ -484,6 +496,8 @@ def run_check(check: Check, cuda: bool, gpus: int, scratch: Path, seconds_left: 
     result = failed or results[0]
     if result["status"] == FAILED and os.environ.get("GPU_CHECK_VERBOSE"):
         print(proc.stderr[-4000:], file=sys.stderr)
+    if same_gpu and result["status"] == NEEDS_2_GPUS:
+        _REFUSED_ON_ONE_GPU.append(result["figure"])
     return result["status"], result["figure"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.support import ROOT, env
@@ -31,7 +32,7 @@ def test_gpu_check_cpu_mode_prints_the_table_and_nothing_fails(tmp_path: Path) -
     proc = subprocess.run(
         ["scripts/gpu_check.sh", "--cpu", "--json", str(out)],
         cwd=ROOT,
-        env=env(),
+        env=env(PYTHON=sys.executable),  # the script's interpreter: this one
         capture_output=True,
         text=True,
         timeout=600,
