@@ -1,0 +1,673 @@
+"""FSDP against DDP through the disttrain Trainer: memory per rank, step time, snapshot cost, compile.
+
+    python scripts/bench_fsdp.py                  # CPU: 2 processes (torchrun, gloo), ~2 min on 2 cores
+    python scripts/bench_fsdp.py --quick          # every row in seconds, figures meaningless (the test)
+    python scripts/bench_fsdp.py --device cuda --json fsdp.json   # 2+ GPUs (nccl); on 1 GPU: compile only
+
+Tables:
+  memory    per-rank bytes of parameters, gradients and AdamW state under DDP and FSDP on 2 processes,
+            from the tensors' sizes (numel × element_size; a DTensor by its local shard, `to_local()`);
+            gradients are counted after backward, before the optimizer step (when they exist: the
+            Trainer sets them to None after each step), parameters and optimizer state after the run.
+            On CUDA also `torch.cuda.max_memory_allocated` over each step (activations and FSDP's
+            gathered parameters included). `FSDP / DDP` is the ratio of the per-rank totals (ideal 1/2).
+  step      step time of the same GPT, data, global batch and optimizer under DDP and FSDP: the
+            Trainer timed from inside one fit() (the clock read at the start of `_train_step`, a window
+            of --steps steps after --warmup untimed ones), median of interleaved repeats (A B, B A, ...);
+            ratio = median of FSDP / DDP over the pairs of repeats that ran side by side.
+  snapshot  what a snapshot costs the training loop (`Trainer._save_snapshot`, timed on every rank, the
+            slowest rank counted): FSDP's sharded one (every rank writes its shards through DCP) and
+            DDP's (rank 0 serialises the full state), against a bare `torch.save` of the full state on
+            rank 0 (under FSDP after gathering it: `get_*_state_dict(full_state_dict=True)`, timed
+            apart); `committed` adds rank 0's background hashing, fsync and rename.
+  compile   trainer.compile=true against false, one process, step time after warm-up (the first
+            compiled step, which compiles, is shown apart: cold ~30 s on CPU, seconds from the inductor
+            cache, TORCHINDUCTOR_CACHE_DIR or ~/.cache/disttrain/inductor).
+
+Method as in scripts/bench.py (this script does not import it): one intra-op thread per process
+(`--threads`), the same StatefulDataLoader, fresh temporary run dirs, no validation, no snapshot inside the
+timed window, torch.cuda.synchronize() around the window on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: The GPT per device: CPU the one scripts/bench.py times (0.44M parameters, ~40 ms a DDP step on 2
+#: cores), CUDA GPT-2 small's shape; quick: a toy, so every row takes seconds.
+SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {"vocab_size": 256, "block_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 128, "batch": 16},
+    "cuda": {"vocab_size": 256, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "batch": 8},
+    "quick": {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "batch": 4},
+}
+STRATEGIES = ("ddp", "fsdp")
+MB = 1e6
+
+
+# ==== the workers ========================================================================================
+def local_bytes(tensors: Any) -> int:
+    """Bytes this rank holds of `tensors`: numel × element_size, a DTensor by its local shard."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in tensors:
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def optimizer_tensors(optimizer: Any) -> list[Any]:
+    return [v for state in optimizer.state.values() for v in state.values()]
+
+
+class Clock:
+    """Read at the start of every step: the wall clock at step `warmup` and `warmup + steps` (the
+    window) and at steps 0 and 1 (the first step: compile), after torch.cuda.synchronize() on CUDA."""
+
+    def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
+        self.warmup, self.steps, self.cuda = warmup, steps, cuda
+        self.calls = 0
+        self.marks: dict[int, float] = {}
+
+    def tick(self) -> None:
+        if self.calls in (0, 1, self.warmup, self.warmup + self.steps):
+            if self.cuda:
+                import torch
+
+                torch.cuda.synchronize()
+            self.marks[self.calls] = time.perf_counter()
+        self.calls += 1
+
+    def step_s(self) -> float:
+        if self.warmup + self.steps not in self.marks:
+            raise RuntimeError(f"the run ended after {self.calls} steps, before the timed window closed")
+        return (self.marks[self.warmup + self.steps] - self.marks[self.warmup]) / self.steps
+
+    def first_step_s(self) -> float:
+        return self.marks[1] - self.marks[0]
+
+
+def build(plan: dict[str, Any], world: int, steps: int) -> tuple[Any, Any, int]:
+    """(model, dataset, batch): the same weights (seed 0) and data for every case."""
+    import torch
+
+    from disttrain.data import TokenCorpus
+    from disttrain.models import CharGPT
+
+    size = dict(plan["size"])
+    batch = size.pop("batch")
+    # Enough samples that no run reaches the end of an epoch (the Trainer would validate and snapshot).
+    samples = (steps + 3) * batch * world
+    torch.manual_seed(0)
+    data = TokenCorpus(size["vocab_size"], samples + size["block_size"], size["block_size"], sequence=True)
+    return CharGPT(**size), data, batch
+
+
+def make_config(plan: dict[str, Any], strategy: str, run_dir: Path, max_steps: int, **trainer: Any) -> Any:
+    from disttrain.config import OptimConfig, SnapshotConfig, StrategyConfig, TrainConfig, TrainerConfig
+
+    every = trainer.pop("snapshot_every", 0)
+    return TrainConfig(
+        name="bench-fsdp",
+        run_dir=str(run_dir),
+        strategy=StrategyConfig(name=strategy),
+        trainer=TrainerConfig(
+            max_epochs=1,
+            max_steps=max_steps,
+            batch_size=plan["size"]["batch"],
+            precision=plan["precision"],
+            grad_clip_norm=1.0,
+            seed=0,
+            val_fraction=0.0,
+            num_threads=plan["threads"],
+            device=plan["device_type"],
+            **trainer,
+        ),
+        optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1),
+        snapshot=SnapshotConfig(every_steps=every, keep_last=1),
+    )
+
+
+def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, compile_: bool = False) -> dict:
+    """One fit() of the GPT: step time over the window, and (2 processes) this rank's bytes of state."""
+    import torch
+
+    from disttrain.trainer import Trainer, make_optimizer
+
+    cuda = env.device.type == "cuda"
+    clock = Clock(plan["warmup"], plan["steps"], cuda)
+    seen: dict[str, int] = {"grads": 0, "peak": 0}
+
+    class Timed(Trainer):
+        def _train_step(self, window: Any) -> Any:
+            clock.tick()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(env.device)
+            result = super()._train_step(window)
+            if cuda:
+                seen["peak"] = max(seen["peak"], torch.cuda.max_memory_allocated(env.device))
+            return result
+
+        def _clip_gradients(self) -> Any:
+            # After backward (and FSDP's reduce-scatter), before the step: the gradients as they are held.
+            seen["grads"] = max(seen["grads"], local_bytes(p.grad for p in self.module.parameters()))
+            return super()._clip_gradients()
+
+    max_steps = plan["warmup"] + plan["steps"] + 1
+    model, data, _ = build(plan, env.world_size, max_steps)
+    cfg = make_config(plan, strategy, run_dir, max_steps, compile=compile_)
+    if strategy != "fsdp":
+        model = model.to(env.device)  # FSDP moves each shard to the device itself
+    trainer = Timed(model, make_optimizer(cfg.optim, model), data, cfg, env=env)
+    trainer.fit()
+    out = {
+        "step_s": clock.step_s(),
+        "first_step_s": clock.first_step_s(),
+        "params": local_bytes(trainer.module.parameters()),
+        "grads": seen["grads"],
+        "optimizer": local_bytes(optimizer_tensors(trainer.optimizer)),
+    }
+    if cuda:
+        out["peak_allocated"] = seen["peak"]
+        out["allocated_after"] = torch.cuda.memory_allocated(env.device)
+    del trainer, model
+    if cuda:
+        gc.collect()  # the next run's model and optimizer state must not share the GPU with this one's
+        torch.cuda.empty_cache()
+    return out
+
+
+def max_over_ranks(env: Any, seconds: float) -> float:
+    """The slowest rank's time: a collective step waits for it."""
+    import torch
+    import torch.distributed as dist
+
+    if env.world_size == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def barrier(env: Any) -> None:
+    import torch.distributed as dist
+
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def snapshot_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, scratch: Path) -> dict:
+    """A fit() with a snapshot after every step, each timed as the training loop waits for it, and
+    beside each a bare torch.save of the full state on rank 0 (alternating which goes first)."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    from disttrain.trainer import Trainer, make_optimizer
+
+    times: dict[str, list[float]] = {"snapshot": [], "committed": [], "gather": [], "torch_save": []}
+    sizes: dict[str, int] = {}
+    bare = scratch / f"full-{strategy}.pt"
+
+    def sync() -> None:
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        barrier(env)
+
+    class Timed(Trainer):
+        def _save_snapshot(self) -> None:
+            self.snapshots.wait()  # the previous snapshot's commit is not this one's cost
+            for first in (True, False) if len(times["snapshot"]) % 2 else (False, True):
+                if first:
+                    self._timed_snapshot()
+                else:
+                    self._bare_save()
+
+        def _timed_snapshot(self) -> None:
+            sync()
+            start = time.perf_counter()
+            super()._save_snapshot()
+            times["snapshot"].append(max_over_ranks(env, time.perf_counter() - start))
+            self.snapshots.wait()  # collective; rank 0 waits for its commit thread
+            times["committed"].append(max_over_ranks(env, time.perf_counter() - start))
+            if env.is_main:
+                step = run_dir / "snapshots" / f"step_{self.counters.step:08d}"
+                sizes["snapshot"] = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
+
+        def _bare_save(self) -> None:
+            sync()
+            start = time.perf_counter()
+            if self.strategy.shards_parameters:
+                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                full = {
+                    "model": get_model_state_dict(self.model, options=options),
+                    "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
+                }
+            else:
+                full = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+            gathered = time.perf_counter()
+            times["gather"].append(max_over_ranks(env, gathered - start))
+            if env.is_main:
+                torch.save(full, bare)
+                sizes["torch_save"] = bare.stat().st_size
+            times["torch_save"].append(max_over_ranks(env, time.perf_counter() - gathered))
+            barrier(env)
+
+    repeats = plan["snapshot_repeats"]
+    model, data, _ = build(plan, env.world_size, repeats)
+    cfg = make_config(plan, strategy, run_dir, repeats, snapshot_every=1)
+    if strategy != "fsdp":
+        model = model.to(env.device)
+    Timed(model, make_optimizer(cfg.optim, model), data, cfg, env=env).fit()
+    bare.unlink(missing_ok=True)
+    return {"seconds": times, "bytes": sizes}
+
+
+def worker(plan_path: Path, out_path: Path) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from disttrain.dist import distributed
+
+    plan = json.loads(plan_path.read_text())
+    torch.set_num_threads(plan["threads"])
+    with distributed(plan["device_type"]) as env:
+        scratch = Path(plan["scratch"]) / f"world{env.world_size}"
+        if env.is_main:
+            scratch.mkdir(parents=True, exist_ok=True)
+        barrier(env)
+        result: dict[str, Any] = {"world_size": env.world_size}
+        if env.world_size > 1:
+            runs: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
+            for r in range(plan["repeats"]):
+                for strategy in STRATEGIES if r % 2 == 0 else reversed(STRATEGIES):
+                    runs[strategy].append(timed_run(plan, env, strategy, scratch / f"{strategy}-{r}"))
+            # Every rank's bytes: shards need not be equal (dim 0 split in world_size chunks).
+            gathered: list[Any] = [None] * env.world_size
+            dist.all_gather_object(gathered, {s: runs[s][0] for s in STRATEGIES})
+            result["runs"] = runs
+            result["ranks"] = gathered
+            result["snapshot"] = {
+                s: snapshot_run(plan, env, s, scratch / f"snapshot-{s}", scratch) for s in STRATEGIES
+            }
+        else:
+            runs = {"eager": [], "compiled": []}
+            for r in range(plan["compile_repeats"]):
+                for kind in ("eager", "compiled") if r % 2 == 0 else ("compiled", "eager"):
+                    torch._dynamo.reset()  # each compiled run compiles (from the cache) as a user's would
+                    run_dir = scratch / f"{kind}-{r}"
+                    runs[kind].append(timed_run(plan, env, "auto", run_dir, compile_=kind == "compiled"))
+            result["compile"] = runs
+        result["device_name"] = (
+            torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else cpu_name()
+        )
+        barrier(env)
+        if env.is_main:
+            out_path.write_text(json.dumps(result))
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    return platform.processor() or "cpu"
+
+
+# ==== the driver =========================================================================================
+def run_worker(plan: dict[str, Any], scratch: Path, world: int) -> dict[str, Any]:
+    plan_path, out = scratch / f"plan{world}.json", scratch / f"result{world}.json"
+    plan_path.write_text(json.dumps(plan))
+    env = dict(os.environ, OMP_NUM_THREADS=str(plan["threads"]), PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    me = [str(Path(__file__).resolve()), "--worker", str(plan_path), str(out)]
+    if world == 1:
+        cmd = [sys.executable, *me]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={world}",
+            *me,
+        ]
+    what = "DDP and FSDP" if world > 1 else "compile on/off"
+    print(f"running {what} in {world} process(es)...", flush=True)
+    tick = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    print(f"  {time.perf_counter() - tick:.0f} s", flush=True)
+    if proc.returncode != 0:
+        sys.exit(
+            f"bench_fsdp: the {world}-process worker failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        )
+    return json.loads(out.read_text())
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: 0.03 means the repeats lay within 3% of each other."""
+    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+
+
+def memory_rows(result: dict[str, Any], cuda: bool, world: int) -> list[dict[str, Any]]:
+    rows = []
+    for strategy in STRATEGIES:
+        ranks = [r[strategy] for r in result["ranks"]]
+        # The largest rank: what each process must have room for.
+        row: dict[str, Any] = {"table": "memory", "label": f"{strategy} x{world}", "strategy": strategy}
+        for key in ("params", "grads", "optimizer"):
+            row[key] = max(r[key] for r in ranks)
+            row[f"{key}_per_rank"] = [r[key] for r in ranks]
+        row["total"] = max(r["params"] + r["grads"] + r["optimizer"] for r in ranks)
+        row["per_rank_total"] = [r["params"] + r["grads"] + r["optimizer"] for r in ranks]
+        if cuda:
+            row["peak_allocated"] = max(r["peak_allocated"] for r in ranks)
+        rows.append(row)
+    ddp, fsdp = rows
+    ratio = {"table": "memory", "label": "FSDP / DDP per-rank total", "ratio": fsdp["total"] / ddp["total"]}
+    ratio["ideal"] = 1 / world
+    if cuda:
+        ratio["peak_ratio"] = fsdp["peak_allocated"] / ddp["peak_allocated"]
+    return [*rows, ratio]
+
+
+def step_rows(result: dict[str, Any], plan: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    rows = []
+    runs = result["runs"]
+    batch, block = plan["size"]["batch"], plan["size"]["block_size"]
+    for strategy in STRATEGIES:
+        secs = [r["step_s"] for r in runs[strategy]]
+        step = statistics.median(secs)
+        rows.append(
+            {
+                "table": "step",
+                "label": f"{strategy} x{world}",
+                "step_ms": step * 1e3,
+                "spread": spread(secs),
+                "tokens_per_s": batch * world * block / step,
+                "repeats_ms": [s * 1e3 for s in secs],
+            }
+        )
+    pairs = [f["step_s"] / d["step_s"] for f, d in zip(runs["fsdp"], runs["ddp"], strict=True)]
+    rows.append({"table": "step", "label": "FSDP / DDP step time", "ratio": statistics.median(pairs)})
+    return rows
+
+
+def snapshot_rows(result: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    rows = []
+    for strategy in STRATEGIES:
+        snap = result["snapshot"][strategy]
+        s, size = snap["seconds"], snap["bytes"]
+        kind = "sharded, DCP" if strategy == "fsdp" else "rank 0, full state"
+        snapshot_ms = statistics.median(s["snapshot"]) * 1e3
+        bare_ms = statistics.median(s["torch_save"]) * 1e3
+        gather_ms = statistics.median(s["gather"]) * 1e3
+        rows.append(
+            {
+                "table": "snapshot",
+                "label": f"{strategy} x{world} ({kind})",
+                "strategy": strategy,
+                "snapshot_ms": snapshot_ms,
+                "committed_ms": statistics.median(s["committed"]) * 1e3,
+                "snapshot_bytes": size.get("snapshot", 0),
+                "gather_ms": gather_ms,
+                "torch_save_ms": bare_ms,
+                "torch_save_bytes": size.get("torch_save", 0),
+                "ratio": snapshot_ms / (gather_ms + bare_ms),
+                "repeats": len(s["snapshot"]),
+            }
+        )
+    return rows
+
+
+def compile_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = result["compile"]
+    rows = []
+    for kind in ("eager", "compiled"):
+        secs = [r["step_s"] for r in runs[kind]]
+        rows.append(
+            {
+                "table": "compile",
+                "label": f"trainer.compile={'true' if kind == 'compiled' else 'false'}",
+                "step_ms": statistics.median(secs) * 1e3,
+                "spread": spread(secs),
+                "first_step_s": max(r["first_step_s"] for r in runs[kind]),
+                "repeats_ms": [s * 1e3 for s in secs],
+            }
+        )
+    pairs = [c["step_s"] / e["step_s"] for c, e in zip(runs["compiled"], runs["eager"], strict=True)]
+    rows.append(
+        {"table": "compile", "label": "compiled / eager step time", "ratio": statistics.median(pairs)}
+    )
+    return rows
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> None:
+    def chosen(table: str) -> list[dict[str, Any]]:
+        return [r for r in rows if r["table"] == table]
+
+    if chosen("memory"):
+        print(
+            "\n## memory: per-rank MB of parameters, gradients and AdamW state (numel × element size;"
+            " DTensors by their local shards; the largest rank)"
+            + ("; peak = torch.cuda.max_memory_allocated" if cuda else "")
+        )
+        print(
+            f"{'row':<28} {'params':>9} {'grads':>9} {'optim':>9} {'total':>9}"
+            + (f" {'peak':>9}" if cuda else "")
+        )
+        for r in chosen("memory"):
+            if "ratio" in r:
+                extra = f", peak {r['peak_ratio']:.3f}" if cuda else ""
+                print(f"{r['label']:<28} ratio {r['ratio']:.3f} (ideal {r['ideal']:.3f}){extra}")
+                continue
+            line = f"{r['label']:<28} " + " ".join(
+                f"{r[k] / MB:>9.3f}" for k in ("params", "grads", "optimizer", "total")
+            )
+            print(line + (f" {r['peak_allocated'] / MB:>9.1f}" if cuda else ""))
+    sections = {
+        "step": (
+            "step time, same GPT, data and global batch (median of interleaved repeats; ratio = median of"
+            " FSDP / DDP over the pairs)",
+            lambda r: (
+                f"{r['step_ms']:>9.2f} ms  spread {r['spread']:>6.1%}  {r['tokens_per_s']:>10,.0f} tokens/s"
+            ),
+        ),
+        "snapshot": (
+            "snapshot: what the training loop waits for (slowest rank), against a bare torch.save of the"
+            " full state on rank 0 (FSDP: after gathering it); ratio = snapshot / (gather + torch.save)",
+            lambda r: (
+                f"snapshot {r['snapshot_ms']:>7.2f} ms ({r['snapshot_bytes'] / MB:.2f} MB, committed"
+                f" {r['committed_ms']:.2f} ms)  gather {r['gather_ms']:.2f} ms + torch.save"
+                f" {r['torch_save_ms']:.2f} ms ({r['torch_save_bytes'] / MB:.2f} MB)"
+            ),
+        ),
+        "compile": (
+            "trainer.compile, one process (median of interleaved repeats; first step = compile, slowest"
+            " repeat)",
+            lambda r: (
+                f"{r['step_ms']:>9.2f} ms  spread {r['spread']:>6.1%}  first step {r['first_step_s']:>6.2f} s"
+            ),
+        ),
+    }
+    for table, (title, body) in sections.items():
+        if not chosen(table):
+            continue
+        print(f"\n## {table}: {title}")
+        for r in chosen(table):
+            if "step_ms" not in r and "snapshot_ms" not in r:
+                print(f"{r['label']:<28} ratio {r['ratio']:.3f}")
+                continue
+            ratio = f"  ratio {r['ratio']:.3f}" if r.get("ratio") is not None else ""
+            print(f"{r['label']:<28} {body(r)}{ratio}")
+    for note in notes:
+        print(f"note: {note}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16", "fp16"), default=None, help="default: fp32 (cpu), bf16 (cuda)"
+    )
+    p.add_argument("--nproc", type=int, default=2, help="processes for DDP and FSDP (default 2)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="timed steps per repeat (default 20, 3 with --quick)"
+    )
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, 1 with --quick)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repeats of DDP and FSDP (default 5)"
+    )
+    p.add_argument(
+        "--snapshot-repeats", type=int, default=None, help="snapshots timed per strategy (default 9)"
+    )
+    p.add_argument(
+        "--compile-repeats", type=int, default=None, help="interleaved compile on/off repeats (default 3)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    p.add_argument(
+        "--quick", action="store_true", help="a toy GPT: every row in seconds, figures meaningless"
+    )
+    p.add_argument("--json", type=Path, default=None, help="write every row and the settings here")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    args.steps = args.steps or (3 if quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    args.repeats = args.repeats or (2 if quick else 5)
+    args.snapshot_repeats = args.snapshot_repeats or (2 if quick else 9)
+    args.compile_repeats = args.compile_repeats or (1 if quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        worker(Path(argv[1]), Path(argv[2]))
+        return 0
+    args = parse_args(argv)
+    import torch
+
+    from disttrain.strategy import compiler_missing
+
+    cuda = args.device == "cuda"
+    notes: list[str] = []
+    world = args.nproc
+    if cuda:
+        if not torch.cuda.is_available():
+            sys.exit("bench_fsdp: --device cuda but torch sees no GPU")
+        if torch.cuda.device_count() < world:
+            notes.append(
+                f"{torch.cuda.device_count()} GPU: memory, step and snapshot rows skipped (DDP and FSDP need"
+                f" {world} GPUs: NCCL takes one GPU per process)"
+            )
+            world = 0
+    size = dict(SIZES["quick" if args.quick else args.device])
+    plan = {
+        "device_type": args.device,
+        "size": size,
+        "precision": args.precision,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "snapshot_repeats": args.snapshot_repeats,
+        "compile_repeats": args.compile_repeats,
+        "threads": args.threads,
+    }
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
+    rows: list[dict[str, Any]] = []
+    device_name = None
+    with tempfile.TemporaryDirectory(prefix="disttrain-bench-fsdp-") as tmp:
+        scratch = Path(tmp)
+        plan["scratch"] = str(scratch)
+        if world > 1:
+            result = run_worker(plan, scratch, world)
+            device_name = result["device_name"]
+            rows += memory_rows(result, cuda, world)
+            rows += step_rows(result, plan, world)
+            rows += snapshot_rows(result, world)
+        if (missing := compiler_missing()) is not None:
+            notes.append(f"compile rows skipped: {missing}")
+        else:
+            result = run_worker(plan, scratch, 1)
+            device_name = result["device_name"]
+            rows += compile_rows(result)
+    load_after = os.getloadavg()[0]
+    params = sum(p.numel() for p in build_model(size).parameters())
+    notes.append(
+        f"GPT {size['n_layer']} layers, width {size['n_embd']}, block {size['block_size']}, vocab"
+        f" {size['vocab_size']}: {params / 1e6:.2f}M parameters; batch {size['batch']} per process,"
+        f" {args.precision}, AdamW; warm-up {args.warmup}, {args.steps} timed steps, {args.repeats}"
+        f" interleaved repeats ({args.compile_repeats} for compile), {args.snapshot_repeats} snapshots"
+    )
+    notes.append(
+        f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()}"
+        f" cores; {args.threads} intra-op thread(s) per process"
+    )
+    print_tables(rows, notes, cuda)
+    meta = {
+        "command": " ".join(["python", "scripts/bench_fsdp.py", *argv]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "nproc": world,
+        "load_average": [load_before, load_after],
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "model": {**size, "params": params},
+        "seconds": time.perf_counter() - started,
+    }
+    print(f"\nbench_fsdp took {meta['seconds']:.0f} s: {meta['command']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "notes": notes}, indent=1))
+        print(f"wrote {args.json}")
+    return 0 if all(finite(r) for r in rows) else 1
+
+
+def build_model(size: dict[str, Any]) -> Any:
+    from disttrain.models import CharGPT
+
+    return CharGPT(**{k: v for k, v in size.items() if k != "batch"})
+
+
+def finite(row: dict[str, Any]) -> bool:
+    return all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,55 @@
+"""scripts/gpu_check.sh --cpu: every GPU check runs on CPU/gloo at tiny sizes, or says it needs CUDA;
+none fails, and the table is printed (the CUDA path needs a GPU machine: README, "GPU check")."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import ROOT, env
+
+#: Check (as the table names it, its start) -> what it must say in CPU mode.
+EXPECTED = {
+    "process group, 1 process": "ok",
+    "process group, 2 processes": "ok",
+    "bf16 training": "ok",
+    "fp16 training": "ok",
+    "FSDP bf16 (MixedPrecisionPolicy), 2 processes": "ok",
+    "FSDP fp16 (+ ShardedGradScaler), 2 processes": "ok",
+    "torch.compile": "ok",
+    # disttrain's StrategyConfig has no such option: said, not invented.
+    "SyncBatchNorm option": "not available",
+    "peak memory + Trainer MFU": "needs CUDA",
+    "scripts/bench.py --device cuda": "needs CUDA",
+    "scripts/bench_fsdp.py --device cuda": "needs CUDA",
+}
+
+
+def test_gpu_check_cpu_mode_prints_the_table_and_nothing_fails(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        ["scripts/gpu_check.sh", "--cpu", "--json", str(out)],
+        cwd=ROOT,
+        env=env(PYTHON=sys.executable),  # the script's interpreter: this one
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == len(EXPECTED), [r["check"] for r in rows]
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("check ") and "| result" in line)
+    table = lines[header + 2 : header + 2 + len(rows)]
+    for row, line in zip(rows, table, strict=True):
+        start = next(name for name in EXPECTED if row["check"].startswith(name))
+        assert row["result"] == EXPECTED[start], row
+        assert row["result"] in ("ok", "needs CUDA", "not available"), row  # none failing
+        cells = [cell.strip() for cell in line.split(" | ")]
+        assert cells[:2] == [row["check"], row["result"]], line
+        if row["result"] == "ok":
+            assert row["figure"] and row["figure"] != "-", row
+    assert "FAILED" not in proc.stdout
+    assert f"{len(rows)} of {len(rows)} checks not failing" in proc.stdout
