@@ -35,17 +35,29 @@ from torch.distributed.checkpoint.state_dict import (
 _METADATA = "torch.distributed.checkpoint.metadata"
 #: What `.metadata` may name: DCP's own records, torch's sizes and dtypes, and plain containers.
 _ALLOWED = {
-    *((_METADATA, name) for name in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
-                                     "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
-                                     "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(
+        (_METADATA, name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),
     ("pathlib", "PosixPath"),
     ("collections", "OrderedDict"),
-    *(("torch", name) for name in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16",
-                                   "int8", "uint8", "bool", "strided", "contiguous_format")),
-}  # fmt: skip
+    ("torch", "strided"),
+    ("torch", "contiguous_format"),
+    # Every dtype torch has (float8 and complex ones included): names of data types, not code.
+    *(("torch", name) for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)),
+}
 
 
 class RefusedCheckpoint(pickle.UnpicklingError):
