@@ -5,8 +5,8 @@
     python scripts/bench.py --device cuda --precision bf16 --model gpt --json out.json
 
 Tables:
-  loop       a hand-written PyTorch loop (the seed's Trainer style: DistributedSampler, forward, loss,
-             backward, clip, step, zero_grad; no framework) against the disttrain Trainer, same model, data,
+  loop       the plain loop a user writes (DistributedSampler, zero_grad, forward, loss, backward, clip,
+             step; no framework) against the disttrain Trainer, same model, data,
              optimizer, precision, thread count and steps; in one process and under 2-process DDP (torchrun).
              ratio = Trainer step time / hand-written step time (target <= 1.02).
   dp-ddp     DataParallel (one process, the global batch) against DDP (one process per device).
@@ -17,6 +17,9 @@ Tables:
   snapshot   the cost of a snapshot against a bare torch.save (scripts/bench_snapshot.py).
 
 Fairness (decisions):
+- The hand-written loop is the plain one for the precision at hand: zero_grad, forward, loss, backward,
+  clip, step; fp32 with no autocast and no GradScaler at all, bf16 with autocast only, fp16 with autocast
+  and a GradScaler.
 - Both loops use the same data pipeline: `disttrain.data.make_loader` (torchdata's StatefulDataLoader,
   num_workers=0) over a `DistributedSampler`, so the figures compare the training step, not two loaders.
 - The same intra-op thread count in both (`--threads`, default 1: torchrun sets one per process when it
@@ -177,7 +180,9 @@ def optimizer_config(model_name: str) -> Any:
 
 
 def hand_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock) -> None:
-    """The loop a user writes without a framework (the seed's Trainer._train_step), timed by `clock`."""
+    """The loop a user writes without a framework, for the precision at hand: zero_grad, forward, loss,
+    backward, clip, step. fp32 has no autocast and no GradScaler at all, bf16 autocast only, fp16
+    autocast and a GradScaler. Timed by `clock`."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -203,19 +208,33 @@ def hand_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=0)
     sampler.set_epoch(0)
     loader = make_loader(dataset, sampler, batch, 0, env.device.type == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["precision"])
-    scaler = torch.amp.GradScaler(env.device.type, enabled=case["precision"] == "fp16")
-    for _, (x, y) in zip(range(plan["warmup"] + steps_of(case["model"], plan) + 1), loader, strict=False):
+    device, precision = env.device, case["precision"]
+    steps = plan["warmup"] + steps_of(case["model"], plan) + 1
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    for _, (x, y) in zip(range(steps), loader, strict=False):
         clock.tick()
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten())
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
+        if precision == "fp32":
+            loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        elif precision == "bf16":
+            with torch.autocast(device.type, dtype=dtype):
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        else:  # fp16: the scaler keeps small gradients from underflowing
+            with torch.autocast(device.type, dtype=dtype):
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip in real units
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
 
 
 def trainer_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock, run_dir: Path) -> None:
