@@ -53,6 +53,10 @@ class Verdict:
     halve_lr: bool
 
 
+#: The verdict of almost every step, made once (a frozen dataclass costs 1-2 us to build, each step).
+HEALTHY = Verdict(apply=True, explosion=False, halve_lr=False)
+
+
 class GradHealth:
     def __init__(self, cfg: HealthConfig, grad_clip_norm: float, precision: str, announce: bool) -> None:
         self.cfg = cfg
@@ -76,7 +80,7 @@ class GradHealth:
             return Verdict(apply=False, explosion=False, halve_lr=False)
         if norm <= self.limit:
             c.explosion_streak = 0
-            return Verdict(apply=True, explosion=False, halve_lr=False)
+            return HEALTHY
         c.explosions += 1
         c.explosion_streak += 1
         policy = self.cfg.on_explosion

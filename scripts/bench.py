@@ -1,14 +1,16 @@
 """What disttrain costs in speed, measured side by side in one invocation on one machine.
 
-    python scripts/bench.py              # CPU: MLP and GPT, fp32 and bf16, ~3 min on 2 idle cores
+    python scripts/bench.py              # CPU: MLP and GPT, fp32 and bf16, the token job, ~7 min on 2 cores
     python scripts/bench.py --quick      # every row in seconds, figures meaningless (the test runs it)
     python scripts/bench.py --device cuda --precision bf16 --model gpt --json out.json
 
 Tables:
-  loop       a hand-written PyTorch loop (the seed's Trainer style: DistributedSampler, forward, loss,
-             backward, clip, step, zero_grad; no framework) against the disttrain Trainer, same model, data,
-             optimizer, precision, thread count and steps; in one process and under 2-process DDP (torchrun).
-             ratio = Trainer step time / hand-written step time (target <= 1.02).
+  loop       the plain loop a user writes without a framework against the disttrain Trainer, same model,
+             data, optimizer, precision, thread count and steps; in one process and under 2-process DDP
+             (torchrun). ratio = Trainer step time / hand-written step time (target <= 1.02). Rows: the
+             seed's MLP and a small GPT, fp32 and bf16, and a padded token job (`lm`, scripts/bench_lm.py:
+             dict batches of variable-length sequences, 4 micro-batches a step, each weighted by its tokens).
+  overhead   the Trainer's own per-step cost: the same two loops on a model that computes almost nothing.
   dp-ddp     DataParallel (one process, the global batch) against DDP (one process per device).
   scaling    1 -> N processes: samples/s ratio, with a gradient-sized all-reduce timed on its own, and the
              DDP options (bucket_cap_mb, gradient_as_bucket_view, static_graph) tried.
@@ -17,14 +19,21 @@ Tables:
   snapshot   the cost of a snapshot against a bare torch.save (scripts/bench_snapshot.py).
 
 Fairness (decisions):
+- The hand-written loop is the plain one for the precision at hand: zero_grad, forward, loss, backward,
+  clip, step; fp32 with no autocast and no GradScaler at all, bf16 with autocast only, fp16 with autocast
+  and a GradScaler. The token job's hand loop weights exactly as the Trainer does: each micro-batch's mean
+  × its token count, summed, ÷ the window's tokens on all ranks (one all-reduce), forward and backward of
+  all but the last micro-batch under no_sync.
 - Both loops use the same data pipeline: `disttrain.data.make_loader` (torchdata's StatefulDataLoader,
   num_workers=0) over a `DistributedSampler`, so the figures compare the training step, not two loaders.
 - The same intra-op thread count in both (`--threads`, default 1: torchrun sets one per process when it
   starts several, so 1 keeps the 1-process and 2-process rows comparable core for core).
 - The hand-written loop wraps DDP with the same options the Trainer's config gives it.
 - Warm-up steps are not timed. Step time is the wall time of a window of `--steps` steps divided by their
-  number, so every per-step cost counts (the Trainer's metrics.jsonl line, its one `.tolist()` sync, its
-  stop-flag all-reduce when world > 1); on CUDA the window starts and ends with torch.cuda.synchronize().
+  number, so every per-step cost counts (the Trainer's metrics.jsonl record, its host copy of loss and
+  norm, its stop-flag all-reduce when world > 1); on CUDA the window starts and ends with
+  torch.cuda.synchronize(). The metrics.jsonl lines are encoded and written once a second, so a window
+  shorter than that (the tiny model's) holds none of that work: the extras table times it apart.
 - Repeats are interleaved (A B A B, the order reversed every other repeat) so machine noise lands on
   both; a table shows the median over repeats and the spread (max - min) / median.
 - The Trainer is timed from the inside of one `fit()` through a subclass that only reads the clock at
@@ -89,6 +98,30 @@ MODELS = {
             "steps": 50,
         },
     },
+    # The padded token job (scripts/bench_lm.py): sequences of 4 to block_size real tokens as dict
+    # batches, a window of `accumulate` micro-batches weighted by their token counts.
+    "lm": {
+        "cpu": {
+            "vocab_size": 256,
+            "block_size": 32,
+            "n_layer": 1,
+            "n_head": 2,
+            "n_embd": 32,
+            "batch": 8,
+            "accumulate": 4,
+            "steps": 100,
+        },
+        "cuda": {
+            "vocab_size": 256,
+            "block_size": 512,
+            "n_layer": 6,
+            "n_head": 8,
+            "n_embd": 512,
+            "batch": 8,
+            "accumulate": 4,
+            "steps": 50,
+        },
+    },
 }
 #: DDP options tried in the scaling table (the Trainer's defaults first).
 DDP_VARIANTS = {
@@ -147,19 +180,28 @@ def steps_of(model_name: str, plan: dict[str, Any]) -> int:
     return plan["steps"] or MODELS[model_name][plan["device_type"]]["steps"]
 
 
+def accumulate_of(model_name: str, plan: dict[str, Any]) -> int:
+    """Micro-batches per optimizer step: 1, except for the padded token job."""
+    return MODELS[model_name][plan["device_type"]].get("accumulate", 1)
+
+
 def build(model_name: str, plan: dict[str, Any], world: int) -> tuple[Any, Any, int]:
     """(model, dataset, batch) for a case; every case of a model starts from the same seed and data."""
     import torch
+    from bench_lm import PaddedLM, PaddedTokens
 
     from disttrain.data import TokenCorpus
     from disttrain.models import CharGPT, MLPLanguageModel
 
     size = dict(MODELS[model_name][plan["device_type"]])
-    batch, steps = size.pop("batch"), steps_of(model_name, plan)
+    batch, steps, k = size.pop("batch"), steps_of(model_name, plan), size.pop("accumulate", 1)
     size.pop("steps")
     # Enough samples that no case reaches the end of an epoch (the Trainer would validate and snapshot).
-    samples = (plan["warmup"] + steps + 3) * batch * max(world, plan["nproc"])
+    samples = (plan["warmup"] + steps + 3) * batch * k * max(world, plan["nproc"])
     torch.manual_seed(0)
+    if model_name == "lm":
+        data = PaddedTokens(samples, size["block_size"], size["vocab_size"])
+        return PaddedLM(**size), data, batch
     if model_name in ("mlp", "tiny"):
         data = TokenCorpus(size["vocab_size"], samples + size["context"], size["context"])
         return MLPLanguageModel(**size), data, batch
@@ -170,14 +212,16 @@ def build(model_name: str, plan: dict[str, Any], world: int) -> tuple[Any, Any, 
 def optimizer_config(model_name: str) -> Any:
     from disttrain.config import OptimConfig
 
-    # The experiments' optimizers: SGD with momentum for the seed MLP, AdamW for the GPT.
+    # The experiments' optimizers: SGD with momentum for the seed MLP, AdamW for the GPTs.
     if model_name in ("mlp", "tiny"):
         return OptimConfig(name="sgd", lr=0.1, momentum=0.9)
     return OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1)
 
 
 def hand_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock) -> None:
-    """The loop a user writes without a framework (the seed's Trainer._train_step), timed by `clock`."""
+    """The loop a user writes without a framework, for the precision at hand: zero_grad, forward, loss,
+    backward, clip, step. fp32 has no autocast and no GradScaler at all, bf16 autocast only, fp16
+    autocast and a GradScaler. Timed by `clock`."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -203,19 +247,42 @@ def hand_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=0)
     sampler.set_epoch(0)
     loader = make_loader(dataset, sampler, batch, 0, env.device.type == "cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case["precision"])
-    scaler = torch.amp.GradScaler(env.device.type, enabled=case["precision"] == "fp16")
-    for _, (x, y) in zip(range(plan["warmup"] + steps_of(case["model"], plan) + 1), loader, strict=False):
+    device, precision = env.device, case["precision"]
+    steps = plan["warmup"] + steps_of(case["model"], plan) + 1
+    if case["model"] == "lm":  # fp32: the window of micro-batches weighted by their tokens
+        from bench_lm import hand_step
+
+        batches, k = iter(loader), accumulate_of("lm", plan)
+        for _ in range(steps):
+            window = [next(batches) for _ in range(k)]
+            clock.tick()
+            hand_step(model, optimizer, window, device)
+        return
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    for _, (x, y) in zip(range(steps), loader, strict=False):
         clock.tick()
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        with torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(x).flatten(0, -2).float(), y.flatten())
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(optimizer)
-        scaler.update()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
+        if precision == "fp32":
+            loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        elif precision == "bf16":
+            with torch.autocast(device.type, dtype=dtype):
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+        else:  # fp16: the scaler keeps small gradients from underflowing
+            with torch.autocast(device.type, dtype=dtype):
+                loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip in real units
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
 
 
 def trainer_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Clock, run_dir: Path) -> None:
@@ -238,6 +305,7 @@ def trainer_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Cl
             max_epochs=1,
             max_steps=plan["warmup"] + steps_of(case["model"], plan) + 1,
             batch_size=batch * plan["nproc"] if dp else batch,
+            accumulate=accumulate_of(case["model"], plan),
             precision=case["precision"],
             grad_clip_norm=1.0,
             seed=0,
@@ -248,7 +316,7 @@ def trainer_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Cl
         optim=optimizer_config(case["model"]),
         snapshot=SnapshotConfig(every_steps=0, keep_last=1),
         model={"_target_": f"bench:{case['model']}"},
-        data={"_target_": "bench:TokenCorpus"},
+        data={"_target_": "bench_lm:PaddedTokens" if case["model"] == "lm" else "bench:TokenCorpus"},
     )
     model = model.to(env.device)
     TimedTrainer(model, make_optimizer(cfg.optim, model), dataset, cfg, env=env).fit()
@@ -323,9 +391,12 @@ def time_extras(env: Any, scratch: Path, n: int = 2000) -> dict[str, float]:
     log.close()
     a, b = torch.ones((), device=env.device), torch.ones((), device=env.device)
     tick = time.perf_counter()
-    for _ in range(n):
-        torch.stack([a / 2, b.float()]).tolist()
-    out[".tolist() of loss and norm"] = (time.perf_counter() - tick) / n
+    for _ in range(n):  # as Trainer._to_host: read on the CPU, one float64 transfer on CUDA
+        if env.device.type == "cpu":
+            list(map(float, [a, b]))
+        else:
+            torch.stack([a.to(torch.float64), b.to(torch.float64)]).tolist()
+    out["loss and norm to the host"] = (time.perf_counter() - tick) / n
     if env.world_size > 1:
         flag = torch.zeros(1, device=env.device)
         dist.barrier()
@@ -400,6 +471,10 @@ def make_plan(args: argparse.Namespace, nproc: int, scratch: Path) -> dict[str, 
             if nproc > 1:
                 add(nproc, model, precision, "hand")
                 add(nproc, model, precision, "trainer")
+    # The padded token job, fp32: hand-written exact weighting against the Trainer's counted items.
+    for world in (1, nproc) if nproc > 1 else (1,):
+        add(world, "lm", "fp32", "hand")
+        add(world, "lm", "fp32", "trainer")
     if nproc > 1:
         for label, options in DDP_VARIANTS.items():
             if label != "default":
@@ -581,7 +656,7 @@ def loop_rows(
             model, batch = case["model"], MODELS[case["model"]][plan["device_type"]]["batch"]
             secs = [wall for wall, _ in timings]
             per_step = statistics.median(secs)
-            samples = batch * (plan["nproc"] if case["kind"] == "dp" else world)
+            samples = batch * accumulate_of(model, plan) * (plan["nproc"] if case["kind"] == "dp" else world)
             row = {
                 "table": "tiny"
                 if model == "tiny"
@@ -896,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()} cores"
         " (other processes' work shows up as spread and in wall times, not in cpu ms)"
     )
-    steps = ", ".join(f"{m} {steps_of(m, plan)}" for m in args.model)
+    steps = ", ".join(f"{m} {steps_of(m, plan)}" for m in [*args.model, "lm"])
     notes.append(
         f"{args.threads} intra-op thread(s) per process (DP too); warm-up {args.warmup},"
         f" {steps} timed steps, {args.repeats} interleaved repeats; one StatefulDataLoader in both loops"

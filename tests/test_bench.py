@@ -46,6 +46,15 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
             assert f"{model} {precision}: 1 -> 2 processes" in printed
         # DataParallel runs for the first precision only (it is the slowest case on CPU).
         assert f"{model} fp32: DDP x2 / DP x2" in printed
+    # The padded token job: dict batches, 4 micro-batches weighted by their tokens, by hand and Trainer.
+    for world in ("single", "ddp2"):
+        for kind in ("hand", "trainer"):
+            name = f"lm/fp32/{world}/{kind}"
+            row = next(r for r in rows if r.get("name") == name)
+            assert row["step_ms"] > 0 and math.isfinite(row["samples_per_s"]), row
+            assert name in printed
+            if kind == "trainer":
+                assert math.isfinite(row["ratio"]) and math.isfinite(row["overhead_ratio"]), row
     scaling = [r for r in rows if r["table"] == "scaling"]
     assert all(r["allreduce_ms"] > 0 for r in scaling), scaling
     for label in ("default", "bucket_cap_mb=1", "gradient_as_bucket_view=false", "static_graph=true"):
