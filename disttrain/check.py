@@ -11,8 +11,10 @@ One optimizer step of the configured job, from the same weights and the same sam
     fsdp+accum    the same, each share in 2 micro-batches
 
 Each variant runs the Trainer's own step (`Trainer._train_step`, no_sync included) and captures the
-gradients the optimizer is about to apply. Every variant is compared with the reference in the form of
-the seed's `cmp`: exact (bit-equal), approximate (allclose), maxdiff. The exit code is 1 when a pair
+gradients the optimizer is about to apply, and the loss the step reports (the mean over all items of
+the window on all ranks, what metrics.jsonl logs; compared relative to its size when above 1). Every
+variant is compared with the reference in the form of the seed's `cmp`: exact (bit-equal), approximate
+(allclose), maxdiff. The exit code is 1 when a pair
 differs by more than `--tol`, with one line on the likely cause: BatchNorm (its statistics are per
 micro-batch), or a loss that is not the mean over the items the step reports.
 """
@@ -32,6 +34,8 @@ import torch
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, validate
 
 SINGLE_PROCESS = {"single": ("single", 1), "accumulate": ("single", None), "dp": ("dp", 1)}
+#: The name under which the loss the step reports is compared, beside the parameters' gradients.
+REPORTED_LOSS = "(the loss the step reports)"
 #: The variants that run under torchrun: (strategy, micro-batches per rank).
 MULTI = {"ddp": ("ddp", 1), "ddp+accum": ("ddp", 2), "fsdp": ("fsdp", 1), "fsdp+accum": ("fsdp", 2)}
 
@@ -59,7 +63,8 @@ def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[
                     grads[names[p]] = grad.detach().double().cpu().clone()
 
     trainer.optimizer.register_step_pre_hook(grab)
-    trainer._train_step(window)
+    # The loss the step reports is compared too: the window's mean on all ranks, in every variant.
+    grads[REPORTED_LOSS] = torch.tensor(trainer._train_step(window).loss, dtype=torch.float64)
     from disttrain.dist import teardown
 
     teardown()
@@ -94,6 +99,8 @@ def cmp_rows(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
     rows = []
     for name, ref in reference.items():
         got = other[name]
+        if name == REPORTED_LOSS:  # a mean of float32 values, compared relative to its size past 1
+            ref, got = (t / max(1.0, abs(reference[name].item())) for t in (ref, got))
         maxdiff = (ref - got).abs().max().item()
         rows.append(
             (name, bool(torch.equal(ref, got)), bool(torch.allclose(ref, got, rtol=0, atol=tol)), maxdiff)

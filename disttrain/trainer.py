@@ -552,7 +552,7 @@ class Trainer:
                     loss = out.loss if whole else out.loss * out.items
                     counted += 1
                 (self.scaler.scale(loss) if self.fp16 else loss).backward()
-            losses.append(out.loss)  # detached when it goes to the host
+            losses.append(out.loss)  # detached where it is read
             counts.append(out.items)
             if out.metrics:
                 self.train_metrics.add(out.metrics, samples[i] if out.items is None else out.items)
@@ -560,18 +560,24 @@ class Trainer:
             raise ConfigError("step: returned items for some micro-batches of a window and not for others")
         if self.fp16:
             self.scaler.unscale_(self.optimizer)  # clip in real units, not scaled ones
-        items = self._rescale_by_items(counts, whole) if counted else None
+        if counted:  # [items, sum of loss × items] of the window on all ranks; the gradients rescaled
+            totals = self._rescale_by_items(losses, counts, whole)
+        elif world > 1:  # the ranks' mean losses (equal samples on every rank), summed while we clip
+            totals = self._window_loss(losses, samples, total)
+            reducing = dist.all_reduce(totals, async_op=True)
         flow = self._grad_flow() if self.grad_flow_every else None  # per-module norms
         grad_norm = self._clip_gradients()
-        values = self._to_host([*losses, grad_norm, *([items, *counts] if counted else [])])
-        micro_losses, norm_value = values[: len(window)], values[len(window)]
         if counted:
-            window_items, local = values[len(window) + 1], values[len(window) + 2 :]
-            weighted = sum(v * n for v, n in zip(micro_losses, local, strict=True) if n)
-            loss_value = weighted / sum(local) if sum(local) else math.nan
-        else:
-            window_items = float(total * world)
-            loss_value = sum(map(operator.mul, micro_losses, samples)) / total
+            norm_value, window_items, loss_sum = self._to_host([grad_norm, *totals])
+            loss_value = loss_sum / window_items if window_items else math.nan
+        elif world > 1:
+            reducing.wait()
+            norm_value, loss_sum = self._to_host([grad_norm, totals])
+            window_items, loss_value = float(total * world), loss_sum / world
+        else:  # one process: the micro-batches' means weighted on the host, nothing to reduce
+            values = self._to_host([*losses, grad_norm])
+            norm_value, window_items = values[-1], float(total)
+            loss_value = sum(map(operator.mul, values[:-1], samples)) / total
         verdict = self._optimizer_step(norm_value, window_items)
         if not counted:
             window_items = self._targets(window) * world if self.counts_tokens else None
@@ -666,18 +672,29 @@ class Trainer:
         self._first_step_checked = True
         return out
 
-    def _rescale_by_items(self, counts: list[Any], whole: bool) -> torch.Tensor:
-        """The window's loss items on all ranks; the gradients (of sums over items) become those of the
-        mean over them. DDP has averaged over ranks, so the factor is world size / items."""
+    def _rescale_by_items(self, losses: list[torch.Tensor], counts: list[Any], whole: bool) -> torch.Tensor:
+        """[items, sum of loss × items] of the window on all ranks (one all-reduce, float64, on the
+        device): the loss the step reports is the mean over every item of the window, whatever the world
+        size. The gradients (of sums over items) become those of the mean over them; DDP has averaged
+        over ranks, so the factor is world size / items. A micro-batch without items adds none (its mean
+        is NaN, 0/0)."""
         device = self.env.device
-        items = torch.stack([torch.as_tensor(c, device=device) for c in counts]).sum().to(torch.float64)
+        items = torch.stack([torch.as_tensor(c, device=device) for c in counts]).to(torch.float64)
+        sums = torch.where(items > 0, torch.stack(losses).detach().to(torch.float64) * items, 0.0)
+        totals = torch.stack([items.sum(), sums.sum()])
         if self.env.world_size > 1:
-            dist.all_reduce(items)
+            dist.all_reduce(totals)
         if not whole:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            scale = (self.env.world_size / items.clamp(min=1)).to(torch.float32)
+            scale = (self.env.world_size / totals[0].clamp(min=1)).to(torch.float32)
             torch._foreach_mul_(grads, scale)
-        return items
+        return totals
+
+    def _window_loss(self, losses: list[torch.Tensor], samples: list[int], total: int) -> torch.Tensor:
+        """This rank's mean loss over the window's samples (float64, on the device), each micro-batch's
+        mean weighted by its share of them."""
+        weights = torch.tensor(samples, dtype=torch.float64, device=self.env.device) / total
+        return (torch.stack(losses).detach().to(torch.float64) * weights).sum()
 
     def _no_items(self, verdict: Verdict) -> Verdict:
         """A window without a single loss item on any rank: nothing to learn from. On the first step it is
