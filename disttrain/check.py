@@ -64,7 +64,8 @@ def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[
 
     trainer.optimizer.register_step_pre_hook(grab)
     # The loss the step reports is compared too: the window's mean on all ranks, in every variant.
-    grads[REPORTED_LOSS] = torch.tensor(trainer._train_step(window).loss, dtype=torch.float64)
+    loss = trainer._step_losses([trainer._train_step(window)])[0]  # (collective: on every rank)
+    grads[REPORTED_LOSS] = torch.tensor(loss, dtype=torch.float64)
     from disttrain.dist import teardown
 
     teardown()

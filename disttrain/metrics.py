@@ -1,13 +1,14 @@
 """What a run leaves for its user: metrics.jsonl (one line per optimizer step), summary.json, and a
 hash of the final weights. Only rank 0 writes.
 
-A step's line holds: step, epoch, loss, lr (for the next step), grad_norm (global, before clipping),
-skipped (no optimizer step: non-finite gradients, or an explosion under health.on_explosion=skip),
-explosion, step_time_s (wall time of the step, data wait included), data_time_s (waiting for the
-loader), samples_per_s (all ranks), and where they apply: tokens_per_s (token datasets, those with a
-`vocab_size`: the targets' element count per second, so a GPT's every position counts), peak_mem_gib
-(CUDA: the most memory the allocator held during the step), mfu (model FLOPs utilisation, see
-`peak_samples_per_s`), grad_flow (every health.grad_flow_every steps: each module's gradient norm).
+A step's line holds: step, epoch, loss (the mean over the window's loss items on all ranks), lr (for the
+next step), grad_norm (global, before clipping), skipped (no optimizer step: non-finite gradients, or an
+explosion under health.on_explosion=skip), explosion, step_time_s (wall time of the step, data wait
+included), data_time_s (waiting for the loader), samples_per_s (all ranks), and where they apply:
+tokens_per_s (token datasets, those with a `vocab_size`: the targets' element count per second, so a GPT's
+every position counts), peak_mem_gib (CUDA: the most memory the allocator held during the step), mfu
+(model FLOPs utilisation, see `peak_samples_per_s`), grad_flow (every health.grad_flow_every steps: each
+module's gradient norm).
 Validation adds lines {step, epoch, val_loss}.
 """
 

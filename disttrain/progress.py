@@ -35,8 +35,11 @@ class Progress:
         self._initial = initial
         self._samples = 0
 
-    def update(self, step: int, epoch: int, loss: float, samples: int, samples_per_s: float) -> None:
-        """After each optimizer step: `samples` of this step (all ranks) and its own samples/s."""
+    def update(
+        self, step: int, epoch: int, loss: float, samples: int, samples_per_s: float, at: float | None = None
+    ) -> None:
+        """After each optimizer step: `samples` of this step (all ranks) and its own samples/s; `at`, the
+        time.perf_counter() the step ended at, when it is shown later than that."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -45,7 +48,7 @@ class Progress:
             return
         self._samples += samples
         if step % self.every == 0:
-            now = time.perf_counter()
+            now = time.perf_counter() if at is None else at
             # Rates over the whole interval since the last line, validation and snapshots included: what
             # the user waits for, not the best step.
             rate = self._samples / (now - self._mark)

@@ -185,7 +185,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class StepResult(NamedTuple):
-    loss: float
+    #: The window's loss as this rank's part: the step's loss, the mean over every loss item of the
+    #: window on all ranks, is the sum over ranks of `loss_sum` / `loss_over` (Trainer._step_losses).
+    loss_sum: float
+    loss_over: float
     grad_norm: float
     verdict: Verdict
     #: Per-module gradient norms on the steps health.grad_flow_every asks for, else None.
@@ -291,6 +294,9 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.env.is_main)
         self.health = GradHealth(cfg.health, t.grad_clip_norm, t.precision, announce=self.env.is_main)
         self.train_metrics = ItemMeans()  # a step's extra metrics, summed until the next log line
+        #: Steps whose metrics line waits for the ranks' sum of their loss (more than one process).
+        self._unlogged: list[tuple[StepResult, dict[str, Any] | None, float]] = []
+        self._epoch_loss = 0.0  # the sum of this epoch's step losses logged so far
         self._first_step_checked = False
         self.peak_samples_per_s = peak_samples_per_s(
             self.module, self.env.device, t.precision, t.peak_tflops, self.env.world_size
@@ -403,6 +409,7 @@ class Trainer:
             self._save_snapshot()  # stopped before its first step: a stop promises a snapshot of its step
         # Rank 0 commits the last snapshot on its own thread: wait for it (a failure stops the run in one
         # line) before the summary says the run is done, and before a SLURM requeue ends the job.
+        self._log_summed_losses()  # (a snapshot has logged them all already; no rank waits on this)
         self.snapshots.wait()
         self.metrics.close()
         return self._summary(time.perf_counter() - start)
@@ -467,6 +474,7 @@ class Trainer:
                 return True
             self._stop_next_step = self._stop_started_at[0] + interval
         if step >= self._stop_next_step:
+            self._log_summed_losses()
             now, proposal = time.perf_counter(), 1
             if self._stop_started_at is not None:
                 last_step, last_time = self._stop_started_at
@@ -492,7 +500,7 @@ class Trainer:
         n, done = len(self.loader), c.samples_in_epoch // micro_batch
         log_every, val_every = self.cfg.trainer.log_every_steps, self.cfg.trainer.val_every_steps
         snapshot_every = self.cfg.snapshot.every_steps
-        epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+        self._epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
         while done < n:
             tick = time.perf_counter()
             window = list(itertools.islice(batches, min(k, n - done)))
@@ -503,8 +511,7 @@ class Trainer:
                 self._say_how_compile_went()
             done += len(window)
             c.samples_in_epoch = done * micro_batch  # mid-epoch windows are whole: exact
-            c.last_loss = result.loss
-            epoch_loss, epoch_steps = epoch_loss + result.loss, epoch_steps + 1
+            epoch_steps += 1
             epoch_done = done == n
             log_line = epoch_done or c.step % log_every == 0
             self._log_step(result, data_time, time.perf_counter() - tick, log_line)
@@ -517,8 +524,9 @@ class Trainer:
             stopping = self._should_stop()
             if epoch_done or stopping or (snapshot_every and c.step % snapshot_every == 0):
                 self._save_snapshot()
-            if epoch_done:
-                self._print_epoch(epoch_loss / epoch_steps, time.perf_counter() - epoch_start, epoch_steps)
+            if epoch_done:  # (the snapshot has logged every step's loss: _epoch_loss is whole)
+                seconds = time.perf_counter() - epoch_start
+                self._print_epoch(self._epoch_loss / epoch_steps, seconds, epoch_steps)
             if stopping or epoch_done:
                 return
 
@@ -560,28 +568,22 @@ class Trainer:
             raise ConfigError("step: returned items for some micro-batches of a window and not for others")
         if self.fp16:
             self.scaler.unscale_(self.optimizer)  # clip in real units, not scaled ones
-        if counted:  # [items, sum of loss × items] of the window on all ranks; the gradients rescaled
-            totals = self._rescale_by_items(losses, counts, whole)
-        elif world > 1:  # the ranks' mean losses (equal samples on every rank), summed while we clip
-            totals = self._window_loss(losses, samples, total)
-            reducing = dist.all_reduce(totals, async_op=True)
+        items = self._rescale_by_items(counts, whole) if counted else None
         flow = self._grad_flow() if self.grad_flow_every else None  # per-module norms
         grad_norm = self._clip_gradients()
-        if counted:
-            norm_value, window_items, loss_sum = self._to_host([grad_norm, *totals])
-            loss_value = loss_sum / window_items if window_items else math.nan
-        elif world > 1:
-            reducing.wait()
-            norm_value, loss_sum = self._to_host([grad_norm, totals])
-            window_items, loss_value = float(total * world), loss_sum / world
-        else:  # one process: the micro-batches' means weighted on the host, nothing to reduce
-            values = self._to_host([*losses, grad_norm])
-            norm_value, window_items = values[-1], float(total)
-            loss_value = sum(map(operator.mul, values[:-1], samples)) / total
+        values = self._to_host([*losses, grad_norm, *([items, *counts] if counted else [])])
+        micro_losses, norm_value = values[: len(window)], values[len(window)]
+        if counted:  # this rank's sum of loss × items, over the items of all ranks
+            window_items, local = values[len(window) + 1], values[len(window) + 2 :]
+            loss_sum = sum(v * n for v, n in zip(micro_losses, local, strict=True) if n)
+            loss_over = window_items
+        else:  # this rank's mean over its samples; every rank holds as many, so the ranks' mean of them
+            window_items = float(total * world)
+            loss_sum, loss_over = sum(map(operator.mul, micro_losses, samples)) / total, float(world)
         verdict = self._optimizer_step(norm_value, window_items)
         if not counted:
             window_items = self._targets(window) * world if self.counts_tokens else None
-        return StepResult(loss_value, norm_value, verdict, flow, total, window_items)
+        return StepResult(loss_sum, loss_over, norm_value, verdict, flow, total, window_items)
 
     def _one_batch_step(self, batch: Any) -> StepResult:
         """The window of one micro-batch in one process (fp32, bf16): its mean loss is the window's, so
@@ -606,9 +608,11 @@ class Trainer:
             items = None if targets is None else float(targets.numel())
         else:
             loss_value, norm_value, items = self._to_host([out.loss, grad_norm, out.items])
-            loss_value = loss_value if items else math.nan
             verdict = self._optimizer_step(norm_value, items)
-        return StepResult(loss_value, norm_value, verdict, flow, samples, items)
+        # (no items: the loss is NaN, 0/0)
+        return StepResult(
+            loss_value, 1.0 if items is None or items else 0.0, norm_value, verdict, flow, samples, items
+        )
 
     def _optimizer_step(self, norm_value: float, window_items: float) -> Verdict:
         """The optimizer step, if the gradients allow it, then zero_grad and the learning rate schedule.
@@ -672,29 +676,28 @@ class Trainer:
         self._first_step_checked = True
         return out
 
-    def _rescale_by_items(self, losses: list[torch.Tensor], counts: list[Any], whole: bool) -> torch.Tensor:
-        """[items, sum of loss × items] of the window on all ranks (one all-reduce, float64, on the
-        device): the loss the step reports is the mean over every item of the window, whatever the world
-        size. The gradients (of sums over items) become those of the mean over them; DDP has averaged
-        over ranks, so the factor is world size / items. A micro-batch without items adds none (its mean
-        is NaN, 0/0)."""
+    def _rescale_by_items(self, counts: list[Any], whole: bool) -> torch.Tensor:
+        """The window's loss items on all ranks; the gradients (of sums over items) become those of the
+        mean over them. DDP has averaged over ranks, so the factor is world size / items."""
         device = self.env.device
-        items = torch.stack([torch.as_tensor(c, device=device) for c in counts]).to(torch.float64)
-        sums = torch.where(items > 0, torch.stack(losses).detach().to(torch.float64) * items, 0.0)
-        totals = torch.stack([items.sum(), sums.sum()])
+        items = torch.stack([torch.as_tensor(c, device=device) for c in counts]).sum().to(torch.float64)
         if self.env.world_size > 1:
-            dist.all_reduce(totals)
+            dist.all_reduce(items)
         if not whole:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-            scale = (self.env.world_size / totals[0].clamp(min=1)).to(torch.float32)
+            scale = (self.env.world_size / items.clamp(min=1)).to(torch.float32)
             torch._foreach_mul_(grads, scale)
-        return totals
+        return items
 
-    def _window_loss(self, losses: list[torch.Tensor], samples: list[int], total: int) -> torch.Tensor:
-        """This rank's mean loss over the window's samples (float64, on the device), each micro-batch's
-        mean weighted by its share of them."""
-        weights = torch.tensor(samples, dtype=torch.float64, device=self.env.device) / total
-        return (torch.stack(losses).detach().to(torch.float64) * weights).sum()
+    def _step_losses(self, results: list[StepResult]) -> list[float]:
+        """The steps' losses, each the mean over every loss item of its window on all ranks: the ranks'
+        loss sums added up (collective on more than one process: one all-reduce for all the steps)."""
+        sums = [r.loss_sum for r in results]
+        if self.env.world_size > 1:
+            summed = torch.tensor(sums, dtype=torch.float64, device=self.env.device)
+            dist.all_reduce(summed)
+            sums = summed.tolist()
+        return [s / r.loss_over if r.loss_over else math.nan for s, r in zip(sums, results, strict=True)]
 
     def _no_items(self, verdict: Verdict) -> Verdict:
         """A window without a single loss item on any rank: nothing to learn from. On the first step it is
@@ -737,6 +740,7 @@ class Trainer:
         positions (global index >= the split's length) are cut from the batch, so they never count."""
         if self.val_loader is None:
             return
+        self._log_summed_losses()  # the step lines before this validation's line
         c, world, device = self.counters, self.env.world_size, self.env.device
         n_real = len(self.val_loader.dataset)  # type: ignore[arg-type]
         batch_size = self.cfg.trainer.batch_size
@@ -770,6 +774,7 @@ class Trainer:
     # -- snapshots ----------------------------------------------------------------------------------------
     def _save_snapshot(self) -> None:
         c = self.counters
+        self._log_summed_losses()  # every rank is at this step; the counters hold its loss
         self.metrics.flush()  # every line up to this step reaches the file before the snapshot does
         shared = {
             "scheduler": self.scheduler.state_dict(),
@@ -882,40 +887,70 @@ class Trainer:
         """One line of metrics.jsonl (fields: disttrain.metrics) and wandb, and the progress display. All
         from values the step already has on the host: no device sync here, except on the steps that log
         a step function's extra metrics (`log_line`: every trainer.log_every_steps and at the end of an
-        epoch), where the ranks average them over items (one all-reduce)."""
+        epoch), where the ranks average them over items (one all-reduce). On more than one process the
+        line waits for its loss, the ranks' sum (_log_summed_losses)."""
         extra = self.train_metrics.read(self.env.world_size) if log_line and self.train_metrics else None
-        if not self.env.is_main:
-            return
-        c, verdict = self.counters, result.verdict
-        samples = result.samples * self.env.world_size
-        samples_per_s = samples / step_time
-        record: dict[str, Any] = {
-            "step": c.step,
-            "epoch": c.epoch,
-            "loss": result.loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": result.grad_norm,
-            "skipped": not verdict.apply,
-            "explosion": verdict.explosion,
-            "samples_per_s": samples_per_s,
-            "step_time_s": step_time,
-            "data_time_s": data_time,
-        }
-        if result.items is not None:
-            record["tokens_per_s"] = result.items / step_time
-        if self.peak_samples_per_s:
-            record["mfu"] = samples_per_s / self.peak_samples_per_s
-        if self.on_cuda:
-            # The allocator's own counters, read on the host: per step, since the previous reset.
-            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.env.device)
-        if result.grad_flow is not None:
-            record["grad_flow"] = result.grad_flow
-        if extra:
-            record.update({f"train_{name}": value for name, value in extra.items()})
-        self._log(record)
-        assert self.progress is not None
-        self.progress.update(c.step, c.epoch, result.loss, samples, samples_per_s)
+        record: dict[str, Any] | None = None
+        if self.env.is_main:
+            c, verdict = self.counters, result.verdict
+            samples_per_s = result.samples * self.env.world_size / step_time
+            record = {
+                "step": c.step,
+                "epoch": c.epoch,
+                "loss": None,  # below, or once the ranks have summed it
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": result.grad_norm,
+                "skipped": not verdict.apply,
+                "explosion": verdict.explosion,
+                "samples_per_s": samples_per_s,
+                "step_time_s": step_time,
+                "data_time_s": data_time,
+            }
+            if result.items is not None:
+                record["tokens_per_s"] = result.items / step_time
+            if self.peak_samples_per_s:
+                record["mfu"] = samples_per_s / self.peak_samples_per_s
+            if self.on_cuda:
+                # The allocator's own counters, read on the host: per step, since the previous reset.
+                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+                torch.cuda.reset_peak_memory_stats(self.env.device)
+            if result.grad_flow is not None:
+                record["grad_flow"] = result.grad_flow
+            if extra:
+                record.update({f"train_{name}": value for name, value in extra.items()})
+        if self.env.world_size == 1:
+            self._log_loss(
+                result, record, result.loss_sum / result.loss_over if result.loss_over else math.nan
+            )
+        else:
+            self._unlogged.append((result, record, time.perf_counter()))
+
+    def _log_summed_losses(self) -> None:
+        """Log the steps that wait for their loss: the ranks sum their parts of every such step in one
+        all-reduce (one a step cost 6% of the seed MLP's DDP step on gloo). Called where every rank is
+        at the same step with the same steps waiting: at the stop agreement (ten times a second), before
+        a validation line, and at a snapshot (which writes the metrics out), so a line is at most that
+        late and every snapshot's metrics are whole."""
+        waiting, self._unlogged = self._unlogged, []
+        if waiting:
+            losses = self._step_losses([result for result, _, _ in waiting])
+            for (result, record, ended), loss in zip(waiting, losses, strict=True):
+                self._log_loss(result, record, loss, ended)
+
+    def _log_loss(
+        self, result: StepResult, record: dict[str, Any] | None, loss: float, ended: float | None = None
+    ) -> None:
+        """A step's loss is known: its line goes out (rank 0), and the run's last and epoch's losses move."""
+        self.counters.last_loss = loss
+        self._epoch_loss += loss
+        if record is not None:
+            record["loss"] = loss
+            self._log(record)
+            assert self.progress is not None
+            samples = result.samples * self.env.world_size
+            self.progress.update(
+                record["step"], record["epoch"], loss, samples, record["samples_per_s"], ended
+            )
 
     def _print_epoch(self, train_loss: float, seconds: float, steps: int) -> None:
         if self.progress is None:
