@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import cpu_name, spread  # (scripts/: this script's own directory)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The GPT per device: CPU the one scripts/bench.py times (0.44M parameters, ~40 ms a DDP step on 2
@@ -330,14 +332,6 @@ def worker(plan_path: Path, out_path: Path) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or "cpu"
-
-
 # ==== the driver =========================================================================================
 def run_worker(plan: dict[str, Any], scratch: Path, world: int) -> dict[str, Any]:
     plan_path, out = scratch / f"plan{world}.json", scratch / f"result{world}.json"
@@ -367,11 +361,6 @@ def run_worker(plan: dict[str, Any], scratch: Path, world: int) -> dict[str, Any
             f"bench_fsdp: the {world}-process worker failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
         )
     return json.loads(out.read_text())
-
-
-def spread(values: list[float]) -> float:
-    """(max - min) / median: 0.03 means the repeats lay within 3% of each other."""
-    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
 
 
 def memory_rows(result: dict[str, Any], cuda: bool, world: int) -> list[dict[str, Any]]:
@@ -465,10 +454,6 @@ def compile_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         {"table": "compile", "label": "compiled / eager step time", "ratio": statistics.median(pairs)}
     )
     return rows
-
-
-def fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> None:

@@ -147,18 +147,10 @@ def check_process_group(args: argparse.Namespace, scratch: Path) -> str:
         dist.all_reduce(t)
         if t.item() != world * (world + 1) / 2:
             raise AssertionError(f"all_reduce gave {t.item()}, expected {world * (world + 1) / 2}")
-        buf = torch.ones(1 << 22, device=env.device)  # 16 MiB of fp32
-        times = []
-        for _ in range(8):
-            if env.device.type == "cuda":
-                torch.cuda.synchronize()
-            tick = time.perf_counter()
-            dist.all_reduce(buf)
-            if env.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - tick)
+        from bench import time_allreduce  # (scripts/: this script's own directory)
+
+        ms = time_allreduce(1 << 22, env, repeats=6) * 1e3  # 16 MiB of fp32
         where = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "CPU"
-        ms = statistics.median(times[2:]) * 1e3
         return f"{dist.get_backend()} on {world} x {where}: all_reduce correct; 16 MiB in {ms:.2f} ms"
     finally:
         teardown()

@@ -57,6 +57,18 @@ def disttrain(
     )
 
 
+def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python scripts/SCRIPT ARGS` from the checkout, as the README runs it."""
+    return subprocess.run(
+        [sys.executable, f"scripts/{script}", *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start(*args: str, cwd: Path | None = None, **extra: str) -> subprocess.Popen:
     """Start `python -m disttrain ARGS` in its own process group (so a kill reaches torchrun's workers)."""
     return subprocess.Popen(

@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
 from disttrain.data import TokenCorpus
 from disttrain.models import CharGPT
-from tests.support import ROOT, disttrain, env, losses, summary
+from tests.support import disttrain, losses, run_script, summary
 
 
 def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script("bench.py", "--quick", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     rows = report["rows"]

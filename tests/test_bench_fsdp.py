@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.support import ROOT, env
+from tests.support import run_script
 
 
 def test_bench_fsdp_quick_prints_every_row_and_fsdp_holds_less_per_rank(tmp_path: Path) -> None:
     out = tmp_path / "bench_fsdp.json"
-    proc = subprocess.run(
-        [sys.executable, "scripts/bench_fsdp.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_script("bench_fsdp.py", "--quick", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     rows, printed = report["rows"], proc.stdout
