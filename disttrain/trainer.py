@@ -501,13 +501,14 @@ class Trainer:
         log_every, val_every = self.cfg.trainer.log_every_steps, self.cfg.trainer.val_every_steps
         snapshot_every = self.cfg.snapshot.every_steps
         self._epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
+        compiled = self.cfg.trainer.compile
         while done < n:
             tick = time.perf_counter()
-            window = list(itertools.islice(batches, min(k, n - done)))
+            window = [next(batches)] if k == 1 else list(itertools.islice(batches, min(k, n - done)))
             data_time = time.perf_counter() - tick
             result = self._train_step(window)
             c.step += 1
-            if self.cfg.trainer.compile and self._compile_check_step == c.step:
+            if compiled and self._compile_check_step == c.step:
                 self._say_how_compile_went()
             done += len(window)
             c.samples_in_epoch = done * micro_batch  # mid-epoch windows are whole: exact
@@ -601,7 +602,10 @@ class Trainer:
         flow = self._grad_flow() if self.grad_flow_every else None
         grad_norm = self._clip_gradients()
         if out.items is None:
-            loss_value, norm_value = self._to_host([out.loss, grad_norm])
+            if self.env.device.type == "cpu":  # (the values as they are: no list, no loop, 2-3 us)
+                loss_value, norm_value = out.loss.item(), grad_norm.item()
+            else:
+                loss_value, norm_value = self._to_host([out.loss, grad_norm])
             verdict = self._optimizer_step(norm_value, samples)
             # A token dataset weighted by samples: every target counts (tokens_per_s).
             targets = batch[1] if self.counts_tokens and isinstance(batch, (list, tuple)) else None

@@ -25,8 +25,8 @@ Tables:
             cache, TORCHINDUCTOR_CACHE_DIR or ~/.cache/disttrain/inductor).
 
 Method as in scripts/bench.py (this script does not import it): one intra-op thread per process
-(`--threads`), the same StatefulDataLoader, fresh temporary run dirs, no validation, no snapshot inside the
-timed window, torch.cuda.synchronize() around the window on CUDA.
+(`--threads`), the Trainer's loader in every case, fresh temporary run dirs, no validation, no snapshot
+inside the timed window, torch.cuda.synchronize() around the window on CUDA.
 """
 
 from __future__ import annotations

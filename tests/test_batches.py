@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import subprocess
 import sys
@@ -15,13 +16,14 @@ from typing import NamedTuple
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import disttrain
 from disttrain import TrainConfig, Trainer
 from disttrain.config import TrainerConfig
+from disttrain.data import EpochSampler, InProcessLoader, TokenCorpus, make_loader
 from disttrain.metrics import read_metrics
-from disttrain.step import collate, to_device
+from disttrain.step import collate, map_tensors, to_device
 from tests.lm import PaddedSequences, TinyLM
 from tests.support import ROOT, SMALL, env, summary, torchrun
 from tests.support import disttrain as run_cli
@@ -127,6 +129,44 @@ def test_any_nested_batch_is_collated_and_moved_as_a_whole() -> None:
     assert isinstance(moved["a"], Pair) and isinstance(moved["b"][0], Sample) and moved["s"] == ["x"] * 4
 
 
+def leaves(batch) -> list[torch.Tensor]:
+    flat: list[torch.Tensor] = []
+    map_tensors(flat.append, batch)
+    return flat
+
+
+@pytest.mark.parametrize("source", ["tokens", "dicts", "subset-mid-epoch", "dataclasses"])
+def test_the_in_process_loader_yields_torchs_batches(source) -> None:
+    # The Trainer's loader on the CPU without workers fetches in-process (make_loader): batch for batch
+    # what torch's DataLoader gives over the same sampler, and with workers (StatefulDataLoader, whose
+    # workers collate into shared memory) the same again. 4 and 16 do not divide the splits: a short batch.
+    data, start = {
+        "tokens": (TokenCorpus(vocab_size=50, num_tokens=203), 0),
+        "dicts": (PaddedSequences(size=30), 0),
+        "subset-mid-epoch": (Subset(TokenCorpus(vocab_size=50, num_tokens=403), range(7, 390)), 12),
+        "dataclasses": (DataclassData(), 8),
+    }[source]
+    collate_fn = None if source == "tokens" else collate
+    batches = {}
+    for name, loader_of in {
+        "torch": lambda s: DataLoader(data, batch_size=4, sampler=s, collate_fn=collate_fn),
+        "make_loader": lambda s: make_loader(data, s, 4, 0, False, collate_fn),
+        "workers": lambda s: make_loader(data, s, 4, 1, False, collate_fn),
+    }.items():
+        sampler = EpochSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)
+        sampler.set_epoch(5, start=start)
+        loader = loader_of(sampler)
+        batches[name] = [leaves(b) for b in loader]
+        assert len(loader) == math.ceil(sampler.num_samples / 4)
+    assert isinstance(make_loader(data, sampler, 4, 0, False), InProcessLoader)
+    assert len(batches["torch"]) > 1
+    for name in ("make_loader", "workers"):
+        assert len(batches[name]) == len(batches["torch"])
+        for mine, theirs in zip(batches[name], batches["torch"], strict=True):
+            assert len(mine) == len(theirs)
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
 class DataclassData(Dataset):
     """Samples as dataclasses; the model takes the whole batch and returns its loss."""
 
@@ -203,12 +243,12 @@ def test_bad_steps_and_batches_are_one_line(overrides, message, tmp_path) -> Non
 
 
 #: The default job's step written by hand as it was before batches could be anything: forward, mean
-#: cross-entropy, backward, clip, SGD, over the same loader.
+#: cross-entropy, backward, clip, SGD, over torch's own DataLoader (the Trainer's loader fetches in-process).
 HAND_WRITTEN_DEFAULT_JOB = """
 import random, numpy as np, torch
 import torch.nn.functional as F
-from torch.utils.data import DistributedSampler, Subset
-from disttrain.data import TokenCorpus, make_loader
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from disttrain.data import TokenCorpus
 from disttrain.metrics import params_sha256
 from disttrain.models import MLPLanguageModel
 torch.set_num_threads(1)
@@ -221,7 +261,7 @@ opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 sampler = DistributedSampler(train, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=False)
 sampler.set_epoch(0)
-for x, y in make_loader(train, sampler, 16, 0, False):
+for x, y in DataLoader(train, batch_size=16, sampler=sampler):
     F.cross_entropy(model(x).float(), y).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
