@@ -583,7 +583,8 @@ class Trainer:
             loss_sum, loss_over = sum(map(operator.mul, micro_losses, samples)) / total, float(world)
         verdict = self._optimizer_step(norm_value, window_items)
         if not counted:
-            window_items = self._targets(window) * world if self.counts_tokens else None
+            targets = self._targets(window)
+            window_items = None if targets is None else targets * world
         return StepResult(loss_sum, loss_over, norm_value, verdict, flow, total, window_items)
 
     def _one_batch_step(self, batch: Any) -> StepResult:
@@ -607,9 +608,7 @@ class Trainer:
             else:
                 loss_value, norm_value = self._to_host([out.loss, grad_norm])
             verdict = self._optimizer_step(norm_value, samples)
-            # A token dataset weighted by samples: every target counts (tokens_per_s).
-            targets = batch[1] if self.counts_tokens and isinstance(batch, (list, tuple)) else None
-            items = None if targets is None else float(targets.numel())
+            items = self._targets([batch])
         else:
             loss_value, norm_value, items = self._to_host([out.loss, grad_norm, out.items])
             verdict = self._optimizer_step(norm_value, items)
@@ -640,11 +639,12 @@ class Trainer:
             self.scheduler.step()
         return verdict
 
-    @staticmethod
-    def _targets(window: list[Any]) -> float:
-        """All targets of a window of `(inputs, target)` batches: a token dataset weighted by samples
-        counts every one (tokens_per_s)."""
-        return float(sum([b[1].numel() for b in window if isinstance(b, (list, tuple))]))
+    def _targets(self, window: list[Any]) -> float | None:
+        """All targets of a window of `(inputs, target)` batches of a token dataset weighted by samples:
+        every one counts (tokens_per_s); None for other datasets and batches."""
+        if not self.counts_tokens or not isinstance(window[0], (list, tuple)):
+            return None
+        return float(sum([b[1].numel() for b in window]))
 
     def _to_host(self, values: list[Any]) -> list[float]:
         """The step's numbers (0-dim tensors, ints) as Python floats. On CUDA one transfer, the step's
