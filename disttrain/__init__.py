@@ -11,6 +11,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Callback": "disttrain.callbacks",
+    "CallbackError": "disttrain.callbacks",
+    "RunView": "disttrain.callbacks",
     "ConfigError": "disttrain.config",
     "TrainConfig": "disttrain.config",
     "DistEnv": "disttrain.dist",
@@ -18,6 +21,7 @@ _EXPORTS = {
     "setup_distributed": "disttrain.dist",
     "Trainer": "disttrain.trainer",
     "seed_everything": "disttrain.trainer",
+    "StepOutput": "disttrain.step",
     "run": "disttrain.cli",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,22 +1,27 @@
 """`disttrain check`: are your gradients the same under every strategy?
 
-One optimizer step of the configured job, from the same weights and the same samples, under
+Two optimizer steps of the configured job, from the same weights over the same samples, under
 
-    single        one process, one batch of all the samples (the reference)
-    accumulate    one process, the samples in `--accumulate` micro-batches
-    ddp           `--nproc` processes under torchrun, each a contiguous share of the samples
+    single        one process, each step's samples in one batch (the reference)
+    accumulate    one process, a step's samples in `--accumulate` micro-batches
+    ddp           `--nproc` processes under torchrun, each its share of the samples
     ddp+accum     the same, each share in 2 micro-batches
     dp            DataParallel in one process
-    fsdp          FSDP2 over `--nproc` processes, each a contiguous share
+    fsdp          FSDP2 over `--nproc` processes, each its share
     fsdp+accum    the same, each share in 2 micro-batches
 
-Each variant runs the Trainer's own step (`Trainer._train_step`, no_sync included) and captures the
-gradients the optimizer is about to apply, and the loss the step reports (the mean over all items of
-the window on all ranks, what metrics.jsonl logs; compared relative to its size when above 1). Every
-variant is compared with the reference in the form of the seed's `cmp`: exact (bit-equal), approximate
-(allclose), maxdiff. The exit code is 1 when a pair
-differs by more than `--tol`, with one line on the likely cause: BatchNorm (its statistics are per
-micro-batch), or a loss that is not the mean over the items the step reports.
+The first step takes `--samples` samples; the second (`+tail`) is an epoch's short last step, of
+`--samples` / 2 + 1 more: the ranks hold unequal shares, and a rank fewer micro-batches than another.
+The learning rate is zero, so both steps start from the initial weights. Each variant is a real
+`fit()` over the dataset's first samples in their order (trainer.shuffle=false): rank r holds the
+step's samples r, r + world, ..., as in any run, and a callback keeps the
+gradients the optimizer is about to apply (on_before_optimizer_step) and the loss the step reports
+(on_log: the mean over all items of the window on all ranks, what metrics.jsonl logs; compared
+relative to its size when above 1). The steps are compared pair by pair, each with the same step of
+the other variants, in the form of the seed's `cmp`: exact (bit-equal), approximate (allclose),
+maxdiff. The exit code is 1 when a pair differs by more than `--tol`, with one line on the likely
+cause: BatchNorm (its statistics are per micro-batch), or a loss that is not the mean over the items
+the step reports.
 """
 
 from __future__ import annotations
@@ -30,70 +35,121 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, validate
 
+#: The variants of one process and of torchrun: (strategy, micro-batches per rank; None: --accumulate).
 SINGLE_PROCESS = {"single": ("single", 1), "accumulate": ("single", None), "dp": ("dp", 1)}
+MULTI = {"ddp": ("ddp", 1), "ddp+accum": ("ddp", 2), "fsdp": ("fsdp", 1), "fsdp+accum": ("fsdp", 2)}
+#: The second step's name suffix: an epoch's last window, shorter than the global batch.
+TAIL = "+tail"
 #: The name under which the loss the step reports is compared, beside the parameters' gradients.
 REPORTED_LOSS = "(the loss the step reports)"
-#: The variants that run under torchrun: (strategy, micro-batches per rank).
-MULTI = {"ddp": ("ddp", 1), "ddp+accum": ("ddp", 2), "fsdp": ("fsdp", 1), "fsdp+accum": ("fsdp", 2)}
 
 
-def capture_step(cfg: TrainConfig, samples: list[Any], accumulate: int) -> dict[str, torch.Tensor] | None:
-    """Run one Trainer step over this rank's contiguous share of `samples`, split into `accumulate`
-    micro-batches; return the gradients the optimizer saw (on rank 0), keyed by parameter name."""
-    from disttrain.step import collate
-    from disttrain.worker import build_trainer
-
-    trainer = build_trainer(cfg, env=None)
-    world, rank = trainer.env.world_size, trainer.env.rank
-    share = len(samples) // world
-    mine = samples[rank * share : (rank + 1) * share]
-    micro = len(mine) // accumulate
-    window = [collate(mine[i * micro : (i + 1) * micro]) for i in range(accumulate)]
-    names = {p: n for n, p in trainer.module.named_parameters()}
-    grads: dict[str, torch.Tensor] = {}
-
-    def grab(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:  # a sharded gradient is gathered (every rank calls this)
-                    grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                    grads[names[p]] = grad.detach().double().cpu().clone()
-
-    trainer.optimizer.register_step_pre_hook(grab)
-    # The loss the step reports is compared too: the window's mean on all ranks, in every variant.
-    loss = trainer._step_losses([trainer._train_step(window)])[0]  # (collective: on every rank)
-    grads[REPORTED_LOSS] = torch.tensor(loss, dtype=torch.float64)
-    from disttrain.dist import teardown
-
-    teardown()
-    return grads if rank == 0 else None
+def tail_of(samples: int) -> int:
+    """The samples of the epoch's short last step, after a whole one of `samples`: ranks then hold
+    unequal shares (one fewer on some), and a rank fewer micro-batches than another."""
+    return samples // 2 + 1
 
 
-def check_config(overrides: list[str], config_dirs: list[str], world_size: int) -> TrainConfig:
+class GradientCapture:
+    """A callback that keeps the gradients each optimizer step is about to apply (gathered, if they are
+    sharded: every rank calls it) and, on rank 0, the loss each step reports (metrics.jsonl's)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.losses: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, run: Any) -> None:
+        grads = {}
+        for name, p in run.model.named_parameters():
+            if p.grad is not None:
+                grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                grads[name] = grad.detach().double().cpu().clone()
+        self.steps.append(grads)
+
+    def on_log(self, run: Any, record: dict[str, Any]) -> None:
+        if "loss" in record:
+            self.losses[record["step"]] = record["loss"]
+
+    def results(self) -> list[dict[str, torch.Tensor]]:
+        return [
+            {**grads, REPORTED_LOSS: torch.tensor(self.losses[i + 1], dtype=torch.float64)}
+            for i, grads in enumerate(self.steps)
+        ]
+
+
+def capture_steps(cfg: TrainConfig, samples: list[Any], accumulate: int) -> list[dict[str, torch.Tensor]]:
+    """fit() over `samples`: a whole step of `--samples` of them and the epoch's short last step of the
+    rest, in micro-batches of --samples / (world × accumulate); the gradients and the reported loss of
+    each step (on rank 0; [] elsewhere). The optimizer has a learning rate of zero, so both steps start
+    from the initial weights."""
+    from hydra.utils import instantiate
+
+    from disttrain.dist import placement
+    from disttrain.trainer import Trainer
+    from disttrain.worker import build
+
+    world = placement().world_size
+    cfg.trainer.batch_size = cfg.trainer.global_batch_size // (world * accumulate)
+    cfg.trainer.accumulate, cfg.trainer.global_batch_size = accumulate, 0
+    torch.manual_seed(cfg.trainer.seed)
+    model = build("model", cfg.model)
+    step = instantiate(cfg.step, _partial_=True) if cfg.step else None
+    capture = GradientCapture()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    Trainer(model, optimizer, samples, cfg, step=step, callbacks=[capture]).fit()
+    return capture.results() if capture.losses else []  # (rank 0 is the one that logs)
+
+
+class Head(Dataset):
+    """The first `n` samples of a dataset, which keeps declaring what the dataset declares (its loss,
+    loss items, vocabulary): the Trainer reads those from the dataset it is given."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset, self.n = dataset, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("dataset", "n"):  # (not set yet: unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def check_config(overrides: list[str], config_dirs: list[str], samples: int) -> TrainConfig:
     from disttrain.compose import compose
 
     data = compose(overrides, config_dirs)
-    # One clean step: no clipping (it would hide a difference), fp32 unless asked otherwise, no snapshots.
-    # The check builds its windows itself: the loader's batch size only has to fit the samples.
+    # Two clean steps of one epoch: no clipping (it would hide a difference), fp32 unless asked otherwise,
+    # `samples` a step; each variant splits them into its micro-batches (capture_steps).
     data["trainer"]["grad_clip_norm"] = 0.0
     data["health"]["on_explosion"] = "warn"  # skip/halve_lr need clipping, which a check turns off
     data["trainer"]["batch_size"] = data["trainer"]["accumulate"] = 1
-    data["trainer"]["val_fraction"] = 0.0
+    data["trainer"]["global_batch_size"] = samples
+    data["trainer"].update(val_fraction=0.0, max_epochs=1, max_steps=2, drop_last=False, shuffle=False)
+    data["snapshot"]["every_steps"] = 0
     cfg = load_config(data)
     validate(cfg, world_size=1)
     return cfg
 
 
-def first_samples(cfg: TrainConfig, n: int) -> list[Any]:
-    from hydra.utils import instantiate
+def first_samples(cfg: TrainConfig, n: int) -> Head:
+    """The dataset's first `n` samples: a whole step's and the short last step's."""
+    from disttrain.worker import build
 
-    dataset = instantiate(cfg.data)
+    dataset = build("data", cfg.data)
     if len(dataset) < n:
-        raise ConfigError(f"--samples={n}: the dataset has only {len(dataset)} samples")
-    return [dataset[i] for i in range(n)]
+        raise ConfigError(f"--samples: the dataset has only {len(dataset)} samples, the check takes {n}")
+    return Head(dataset, n)
 
 
 def cmp_rows(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor], tol: float) -> list[tuple]:
@@ -114,15 +170,16 @@ def _worker(args: argparse.Namespace) -> int:
 
     data = json.loads(Path(args.config).read_text())
     cfg = load_config(data)
-    grads = capture_step(cfg, first_samples(cfg, args.samples), args.micro)
-    if grads is not None:
-        torch.save(grads, args.out)
+    tail = tail_of(args.samples) if cfg.trainer.max_steps == 2 else 0
+    captured = capture_steps(cfg, first_samples(cfg, args.samples + tail), args.micro)
+    if captured:
+        torch.save(captured, args.out)
     return 0
 
 
 def _run_variant_torchrun(
     cfg: TrainConfig, args: argparse.Namespace, strategy: str, micro: int, tmp: Path, name: str
-) -> dict:
+) -> list[Any]:
     import json
 
     data = to_dict(cfg)
@@ -161,32 +218,44 @@ def main(argv: list[str] | None = None) -> int:
         for key, value, parts in (("--accumulate", args.accumulate, 1), ("--nproc", args.nproc, 2)):
             if value < 1 or args.samples % (value * parts):
                 raise ConfigError(f"{key}={value}: --samples ({args.samples}) must split evenly into it")
-        cfg = check_config(overrides, args.config_dir, 1)
-        samples = first_samples(cfg, args.samples)
+        cfg = check_config(overrides, args.config_dir, args.samples)
+        # A BatchNorm cannot train on the short step's micro-batch of one sample (the Trainer refuses it).
+        tail = 0 if has_batchnorm(cfg) else tail_of(args.samples)
+        cfg.trainer.max_steps = 2 if tail else 1
+        samples = first_samples(cfg, args.samples + tail)
     except ConfigError as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2
-    results: dict[str, dict[str, torch.Tensor]] = {}
+    captured: dict[str, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="disttrain-check-") as tmp:
         for name, (strategy, micro) in SINGLE_PROCESS.items():
             data = to_dict(cfg)
             data["strategy"]["name"] = strategy
             data["run_dir"] = str(Path(tmp) / name)
-            grads = capture_step(load_config(data), samples, micro or args.accumulate)
-            assert grads is not None
-            results[name] = grads
+            captured[name] = capture_steps(load_config(data), samples, micro or args.accumulate)
         for name, (strategy, micro) in MULTI.items():
-            results[name] = _run_variant_torchrun(cfg, args, strategy, micro, Path(tmp), name)
+            captured[name] = _run_variant_torchrun(cfg, args, strategy, micro, Path(tmp), name)
+    # A step over the epoch's short end is compared with the others' (report pairs tails with tails).
+    results = {name: steps[0] for name, steps in captured.items()}
+    results |= {name + TAIL: steps[1] for name, steps in captured.items() if len(steps) > 1}
+    if not tail:
+        print("(the model has BatchNorm: the +tail step, with a micro-batch of one sample, is left out)")
     return report(results, args.tol, mismatch_cause(cfg))
+
+
+def has_batchnorm(cfg: TrainConfig) -> bool:
+    from torch import nn
+
+    from disttrain.worker import build
+
+    with torch.device("meta"):
+        model = build("model", cfg.model)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def mismatch_cause(cfg: TrainConfig) -> str:
     """What most likely breaks the identity for this job, in one line."""
-    from hydra.utils import instantiate
-    from torch import nn
-
-    model = instantiate(cfg.model)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if has_batchnorm(cfg):
         return "the model has BatchNorm, whose statistics are per micro-batch"
     if cfg.step:
         return (
@@ -203,15 +272,18 @@ def report(results: dict[str, dict[str, torch.Tensor]], tol: float, cause: str =
     """Every pair of variants, one line each (the worst parameter of the pair), then the parameters of
     each pair that differs beyond `tol`."""
     names = list(results)
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    # A tail variant steps over other samples than a whole window: it is compared with its own kind.
+    pairs = [
+        (a, b) for i, a in enumerate(names) for b in names[i + 1 :] if a.endswith(TAIL) == b.endswith(TAIL)
+    ]
     print(f"one optimizer step, every pair of strategies compared (tolerance {tol:g})")
-    print(f"{'pair':26s} | {'exact':5s} | {'approximate':11s} | {'maxdiff':9s} | worst parameter")
+    print(f"{'pair':34s} | {'exact':5s} | {'approximate':11s} | {'maxdiff':9s} | worst parameter")
     failed: list[tuple[str, str, list[tuple]]] = []
     for a, b in pairs:
         rows = cmp_rows(results[a], results[b], tol)
         worst = max(rows, key=lambda r: r[3])
         exact, approx = all(r[1] for r in rows), all(r[2] for r in rows)
-        print(f"{a + ' ~ ' + b:26s} | {exact!s:5s} | {approx!s:11s} | {worst[3]:.3e} | {worst[0]}")
+        print(f"{a + ' ~ ' + b:34s} | {exact!s:5s} | {approx!s:11s} | {worst[3]:.3e} | {worst[0]}")
         if not approx:
             failed.append((a, b, [r for r in rows if not r[2]]))
     for a, b, rows in failed:

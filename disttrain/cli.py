@@ -10,6 +10,7 @@
     disttrain check [OVERRIDE ...]         compare one step's gradients under every strategy
     disttrain plot RUN_DIR ... [-o F]      plot loss, grad norm and throughput of runs
     disttrain export RUN_DIR [-o F]        the newest snapshot's model as one torch.save file
+    disttrain tokenize TEXT ... -o F.bin   text into a flat token file for data=token_file
 
 Examples:
     disttrain                                                    # one process, gloo on CPU
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         from disttrain.export import main as export_main
 
         return export_main(args[1:])
+    if args and args[0] == "tokenize":
+        from disttrain.tokenize import main as tokenize_main
+
+        return tokenize_main(args[1:])
     from disttrain.dist import placement
     from disttrain.worker import BuildError, configure_logging
 

@@ -154,7 +154,21 @@ def check_job(cfg: TrainConfig) -> None:
     to this run. (What the machine has is the launchers' pre-flight.)"""
     world_size = world_size_of(cfg)
     validate(cfg, world_size)
+    check_callback_classes(cfg)
     check_run_dir(cfg, world_size)
+
+
+def check_callback_classes(cfg: TrainConfig) -> None:
+    """A callback class with a method named like an event that is none (a typo) is refused before any
+    process starts; one built by a function is checked once it is built (the Trainer)."""
+    from disttrain.callbacks import check_events
+    from disttrain.config import resolve_target
+
+    for name, spec in cfg.callbacks.items():
+        if spec:
+            target, _ = resolve_target(f"callbacks.{name}", spec)
+            if isinstance(target, type):
+                check_events(name, target)
 
 
 def check_run_dir(cfg: TrainConfig, world_size: int) -> None:

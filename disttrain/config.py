@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import importlib
 import importlib.util
 import inspect
@@ -154,6 +155,12 @@ class TrainerConfig:
     #: it to keep the global batch when the number of processes changes, e.g. on a resume: accumulate
     #: then follows, global_batch_size ÷ (processes × batch_size), which must be a whole number.
     global_batch_size: int = _number(0, low=0)
+    #: Draw each epoch's order from (seed, epoch); false: the dataset's own order in every epoch (a corpus
+    #: shuffled once beforehand, a curriculum).
+    shuffle: bool = True
+    #: Leave out the epoch's last optimizer step when fewer samples than a global batch are left for it.
+    #: Off, that step takes exactly the samples that are left (never repeats), weighted by their items.
+    drop_last: bool = False
     #: fp32 | bf16 | fp16. bf16 and fp16 run the forward under autocast; fp16 adds a GradScaler.
     precision: str = _choice("fp32", PRECISIONS)
     #: Clip the global gradient norm to this value before each step (0: off; the norm is still logged).
@@ -272,6 +279,9 @@ class TrainConfig:
     #: arguments (disttrain.step has the contract). Empty: the default step calls the model as the batch
     #: says.
     step: dict[str, Any] = field(default_factory=dict)
+    #: Callbacks by name, each `_target_` (a class or function returning the callback) and its keyword
+    #: arguments (disttrain.callbacks has the events); null turns one off, such as an experiment's.
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 # ==== run ids =============================================================================================
@@ -455,10 +465,18 @@ def validate(cfg: TrainConfig, world_size: int | None = None) -> None:
     resolve_target("model", cfg.model)
     if cfg.step:
         resolve_target("step", cfg.step)
+    for name, spec in cfg.callbacks.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, dict):
+            _fail(f"callbacks.{name}", spec, "must be a mapping with a _target_, or null to turn it off")
+        resolve_target(f"callbacks.{name}", spec)
     _, data_kwargs = resolve_target("data", cfg.data)
     for key, value in data_kwargs.items():
-        # Dataset arguments that name files are checked here, where the error is cheap and early.
-        if (key == "path" or key.endswith(("_path", "_file"))) and not Path(str(value)).is_file():
+        # Dataset arguments that name a file are checked here, where the error is cheap and early (a
+        # glob or a list of files is the dataset's to check).
+        names_file = key == "path" or key.endswith(("_path", "_file"))
+        if names_file and isinstance(value, str) and not glob.has_magic(value) and not Path(value).is_file():
             _fail(f"data.{key}", value, "no such file")
 
 
@@ -598,6 +616,8 @@ RESUME_KEYS = (
     "step",
     "trainer.seed",
     "trainer.val_fraction",
+    "trainer.drop_last",
+    "trainer.shuffle",
     "trainer.precision",
     "trainer.loss",
     "optim.name",

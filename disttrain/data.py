@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset, default_collate
+from torch.utils.data import Dataset, Sampler, Subset, default_collate
 
 from disttrain.config import ConfigError, TrainerConfig, accumulate_for
 
@@ -98,6 +98,106 @@ class TextFile(_Windows):
         self.vocab_size = 256
 
 
+#: The token widths of a pre-tokenized file (`data.dtype`): nanoGPT's prepare.py writes uint16.
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+
+class TokenFile(Dataset):
+    """Pre-tokenized flat files of tokens, memory-mapped: the format nanoGPT's and Megatron's preparation
+    scripts write (`np.array(ids, dtype=np.uint16).tofile("train.bin")`; `disttrain tokenize` writes it
+    too). Never read whole: a sample reads its own `context + 1` tokens, so memory does not grow with the
+    file. `path` is one file, a glob, or a list of either (files in sorted order of each glob); windows
+    never cross from one file into the next. `sequence=True` (the default) gives GPT samples, the
+    target the input shifted by one; False the next token alone, as TokenCorpus.
+
+    Refused in one line (ConfigError) naming the file: a missing file, a glob that matches nothing, a
+    size that is not a whole number of tokens, a file shorter than one window; a token id at or past
+    `vocab_size`, found in the batch that holds it."""
+
+    loss = "cross_entropy"
+    loss_items = "samples"
+
+    def __init__(
+        self,
+        path: str | list[str],
+        context: int,
+        vocab_size: int,
+        dtype: str = "uint16",
+        sequence: bool = True,
+    ) -> None:
+        if dtype not in TOKEN_DTYPES:
+            raise ConfigError(f"data.dtype={dtype!r}: must be one of {', '.join(TOKEN_DTYPES)}")
+        width = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+        self.context, self.vocab_size, self.sequence = context, vocab_size, sequence
+        self.paths = token_paths(path)
+        self.files = [_token_map(p, TOKEN_DTYPES[dtype], width, context) for p in self.paths]
+        # Window i of the dataset is window i - starts[f] of file f, f the last file whose start <= i.
+        self.starts = np.cumsum([0] + [len(f) - context for f in self.files])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Sample]:
+        idx = np.asarray(indices, dtype=np.int64)
+        if (idx < 0).any() or (idx >= len(self)).any():
+            raise IndexError(f"TokenFile: index out of range 0..{len(self) - 1}")
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        rows = np.empty((len(idx), self.context + 1), dtype=np.int64)
+        for f in np.unique(which):
+            mine = which == f
+            offsets = (idx[mine] - self.starts[f])[:, None] + np.arange(self.context + 1)
+            rows[mine] = self.files[f][offsets]
+            if (bad := int(rows[mine].max())) >= self.vocab_size:
+                raise ConfigError(
+                    f"data.path: {self.paths[f]} holds token id {bad}, which data.vocab_size="
+                    f"{self.vocab_size} does not cover (ids must be below it)"
+                )
+        tokens = torch.from_numpy(rows)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:] if self.sequence else tokens[:, -1]
+        return list(zip(inputs, targets, strict=True))
+
+
+def token_paths(path: str | list[str] | Any) -> list[str]:
+    """The files `path` names: a file, a glob, or a list of either; each glob's matches sorted."""
+    import glob
+
+    patterns = [path] if isinstance(path, str) else [str(p) for p in path]
+    found: list[str] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise ConfigError(f"data.path={pattern!r}: matches no file")
+            found += matches
+        elif not Path(pattern).is_file():
+            raise ConfigError(f"data.path={pattern!r}: no such file")
+        else:
+            found.append(pattern)
+    if not found:
+        raise ConfigError("data.path=[]: names no file")
+    return found
+
+
+def _token_map(path: str, dtype: Any, width: int, context: int) -> np.memmap:
+    size = Path(path).stat().st_size
+    if size % width:
+        raise ConfigError(
+            f"data.path: {path} has {size} bytes, not a whole number of {width}-byte tokens (data.dtype)"
+        )
+    if size // width <= context:
+        raise ConfigError(
+            f"data.path: {path} holds {size // width} tokens, fewer than one window of data.context + 1 = "
+            f"{context + 1}"
+        )
+    try:
+        return np.memmap(path, dtype=dtype, mode="r")
+    except OSError as e:
+        raise ConfigError(f"data.path: {path} cannot be read: {e.strerror or e}") from None
+
+
 class RandomRegression(Dataset):
     """The PyTorch DDP tutorial's data: `size` random inputs of `in_features` and random targets."""
 
@@ -115,19 +215,58 @@ class RandomRegression(Dataset):
         return self.x[i], self.y[i]
 
 
-class EpochSampler(DistributedSampler):
-    """torch's DistributedSampler (rank r gets `perm[r::world]` of one permutation of (seed, epoch),
-    padded with repeats to a multiple of world), started at a rank-local position: how an epoch
-    continues after a resume, on any number of processes."""
+class EpochSampler(Sampler[int]):
+    """Rank r's share of an epoch: `perm[r::world]` of one permutation of (seed, epoch) (torch's
+    DistributedSampler's permutation), started at a rank-local position (how an epoch continues after a
+    resume, on any number of processes).
 
-    start = 0
+    The training order is never padded: when the samples do not divide by the number of processes, the
+    ranks' shares differ by one, and the epoch's last window holds exactly the samples that are left
+    (the Trainer weights them by their items and fills the ranks that run out with batches weighted by
+    zero). Padding with repeats, as DistributedSampler does, would make the last step of every epoch
+    train on duplicates whose number depends on the world size. `pad=True` keeps that padding for
+    validation, which cuts the repeats from its sums itself; `drop_last` cuts the epoch to `length`."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        pad: bool = False,
+        length: int | None = None,
+    ) -> None:
+        self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
+        self.shuffle, self.seed, self.pad = shuffle, seed, pad
+        #: Samples of an epoch on all ranks: the dataset's, or fewer (trainer.drop_last).
+        self.length = len(dataset) if length is None else length  # type: ignore[arg-type]
+        self.epoch = self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.start = start
+        self.epoch, self.start = epoch, start
+
+    def _order(self) -> list[int]:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if not self.shuffle:
+            return list(range(self.length))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(n, generator=g)[: self.length].tolist()
+
+    def _share(self) -> int:
+        """This rank's samples of the epoch (padded: every rank as many as rank 0)."""
+        world = self.num_replicas
+        return -(-self.length // world) if self.pad else max(0, -(-(self.length - self.rank) // world))
+
+    def __len__(self) -> int:
+        return max(0, self._share() - self.start)
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
+        order = self._order()
+        if self.pad and len(order) % self.num_replicas:
+            order += order[: self.num_replicas - len(order) % self.num_replicas]
+        return itertools.islice(order, self.rank + self.start * self.num_replicas, None, self.num_replicas)
 
 
 def training_splits(
@@ -161,6 +300,16 @@ def training_splits(
             f"{trainer.batch_size} × trainer.accumulate {accumulate} = {step})"
         )
     return dataset, val_dataset
+
+
+def one_sample_micro_batches(n: int, trainer: TrainerConfig, world_size: int) -> list[int]:
+    """The ranks whose part of an epoch's short last step (of a training split of `n` samples) ends on
+    a micro-batch of one sample: rank r holds every world-th sample of what is left, from the r-th."""
+    step = world_size * trainer.batch_size * accumulate_for(trainer, world_size)
+    tail = n % step
+    if not tail or trainer.drop_last or trainer.batch_size == 1:
+        return []
+    return [r for r in range(world_size) if -(-(tail - r) // world_size) % trainer.batch_size == 1]
 
 
 def _length(key: str, dataset: Dataset) -> int:

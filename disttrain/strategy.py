@@ -3,7 +3,7 @@
 wrap(model)       the module the training step calls
 unwrap(model)     the user's module (what snapshots save and hashes cover)
 no_sync(model)    context for the non-final micro-steps of an accumulation window
-sampler(dataset)  which samples this process sees (a DistributedSampler in every case, so
+sampler(dataset)  which samples this process sees (an EpochSampler in every case, so
                   `set_epoch` reshuffles the same way whatever the strategy)
 autocast_dtype()  the dtype the forward runs under autocast in (None: no autocast)
 make_scaler()     the gradient scaler (enabled for fp16 only)
@@ -61,16 +61,12 @@ class Strategy:
     def make_scaler(self) -> Any:
         return torch.amp.GradScaler(self.env.device.type, enabled=self.precision == "fp16")
 
-    def sampler(self, dataset: Dataset, shuffle: bool, seed: int) -> EpochSampler:
-        # drop_last=False pads the last shard with repeats so every rank steps the same number of times.
-        return EpochSampler(
-            dataset,
-            num_replicas=self.env.world_size,
-            rank=self.env.rank,
-            shuffle=shuffle,
-            seed=seed,
-            drop_last=False,
-        )
+    def sampler(
+        self, dataset: Dataset, shuffle: bool, seed: int, pad: bool = False, length: int | None = None
+    ) -> EpochSampler:
+        """Rank r's share, perm[r::world], of one order of the whole dataset (EpochSampler)."""
+        world, rank = self.env.world_size, self.env.rank
+        return EpochSampler(dataset, world, rank, shuffle=shuffle, seed=seed, pad=pad, length=length)
 
 
 class DDPStrategy(Strategy):

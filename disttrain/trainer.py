@@ -15,13 +15,12 @@ import hashlib
 import itertools
 import logging
 import math
-import operator
 import os
 import random
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,6 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from disttrain import runlock, sharded
+from disttrain.callbacks import Callbacks, RunView
 from disttrain.config import (
     ConfigError,
     OptimConfig,
@@ -43,7 +43,7 @@ from disttrain.config import (
     resume_mismatch,
     to_dict,
 )
-from disttrain.data import make_loader, training_splits
+from disttrain.data import make_loader, one_sample_micro_batches, training_splits
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
 from disttrain.health import GradHealth, Verdict, full, grad_flow, halve_lr
 from disttrain.metrics import (
@@ -102,6 +102,19 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None
         raise ConfigError(
             f"optimizer: {foreign} of its {len(held)} parameters are not the model's, so training would "
             "not change the model; build the optimizer from this model's parameters()"
+        )
+
+
+def check_tail_for_batchnorm(model: nn.Module, n: int, t: Any, world: int) -> None:
+    """An epoch's short last step that leaves a rank a micro-batch of one sample (of a training split
+    of `n`) would stop a model with BatchNorm there (its batch statistics need two): refused before
+    training, in one line."""
+    ranks = one_sample_micro_batches(n, t, world)
+    if ranks and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        where = "a micro-batch" if world == 1 else f"rank {ranks[0]} a micro-batch"
+        raise ConfigError(
+            f"trainer.drop_last=False: the epoch's last step leaves {where} of one sample, which the "
+            "model's BatchNorm cannot train on; set trainer.drop_last=true, or a batch size that leaves more"
         )
 
 
@@ -193,7 +206,7 @@ class StepResult(NamedTuple):
     verdict: Verdict
     #: Per-module gradient norms on the steps health.grad_flow_every asks for, else None.
     grad_flow: dict[str, float] | None
-    #: Samples of the window on this rank (padded ones included: what the loader gave).
+    #: Samples of the window on all ranks.
     samples: int
     #: Loss items (tokens) of the window on all ranks: counted, or the targets of a token dataset whose
     #: items are samples; None for other sample losses.
@@ -238,17 +251,25 @@ class Trainer:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         scheduler: Any = None,
         env: DistEnv | None = None,
+        callbacks: Mapping[str, Any] | Sequence[Any] | None = None,
     ) -> None:
         """`step(model, batch)` computes a micro-batch's loss (disttrain.step: the contract, and the
         default step, which calls the model as the batch says); `loss_fn(output, target)` replaces the
         built-in loss of `(inputs, target)` batches (a mean over samples); `collate_fn` builds a batch
-        from samples (default: disttrain.step.collate)."""
+        from samples (default: disttrain.step.collate); `callbacks` (a list, or a mapping of name to
+        callback) are called at the run's events (disttrain.callbacks)."""
         # Everything a user can get wrong is refused here, before a process group exists: the same
         # rules as the CLI's, and what only the objects can tell (optimizer, dataset sizes).
         world_size = env.world_size if env is not None else placement().world_size
         self.cfg = cfg = checked(cfg or TrainConfig(), world_size)
         t = cfg.trainer
         _check_optimizer(optimizer, model)
+        self.callbacks = Callbacks(callbacks)
+        #: The events that fire every step, looked up once (an event without handlers costs a test).
+        self._on_before_optimizer_step = self.callbacks.handlers["on_before_optimizer_step"]
+        self._on_step_end = self.callbacks.handlers["on_step_end"]
+        self._on_log = self.callbacks.handlers["on_log"]
+        self.run_view = RunView(self)
         # What a dataset declares is read before training_splits() wraps it in a Subset: its loss,
         # whether its samples all carry the same loss items (disttrain.step.DefaultStep), and a
         # vocabulary (a token dataset: tokens_per_s counts its targets).
@@ -258,6 +279,7 @@ class Trainer:
             cfg.step = {"_target_": callable_name(step)}  # what a resume compares
         self.step = step or DefaultStep(model, loss, loss_fn, getattr(dataset, "loss_items", "targets"))
         dataset, val_dataset = training_splits(dataset, val_dataset, t, world_size)
+        check_tail_for_batchnorm(model, len(dataset), t, world_size)  # type: ignore[arg-type]
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self._owns_process_group = env is None and not dist.is_initialized()
@@ -268,15 +290,19 @@ class Trainer:
         self.model, self.module = self._wrap(model, optimizer)
         self.optimizer = optimizer
         pin = self.env.device.type == "cuda"
-        self.sampler = self.strategy.sampler(dataset, shuffle=True, seed=t.seed)
+        self.accumulate = accumulate_for(t, self.env.world_size)
+        #: Samples of one optimizer step on all ranks, and of one epoch (a multiple of it with drop_last).
+        self.global_batch = self.env.world_size * t.batch_size * self.accumulate
+        n = len(dataset)  # type: ignore[arg-type]
+        self.epoch_samples = n - n % self.global_batch if t.drop_last else n
+        self.sampler = self.strategy.sampler(dataset, t.shuffle, seed=t.seed, length=self.epoch_samples)
         loading = (t.batch_size, t.num_workers, pin, collate_fn or collate)
         self.loader = make_loader(dataset, self.sampler, *loading)
         self.val_loader = None
         if val_dataset is not None:
-            val_sampler = self.strategy.sampler(val_dataset, shuffle=False, seed=t.seed)
+            val_sampler = self.strategy.sampler(val_dataset, shuffle=False, seed=t.seed, pad=True)
             self.val_loader = make_loader(val_dataset, val_sampler, *loading)
-        self.accumulate = accumulate_for(t, self.env.world_size)
-        self.steps_per_epoch = math.ceil(len(self.loader) / self.accumulate)
+        self.steps_per_epoch = math.ceil(self.epoch_samples / self.global_batch)
         total_steps = t.max_epochs * self.steps_per_epoch
         self.total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
         self.scheduler = scheduler or make_scheduler(cfg.optim, optimizer, self.total_steps)
@@ -305,14 +331,16 @@ class Trainer:
         self.wandb: WandbRun | None = None  # rank 0's, with logger=wandb
         self._pending: dict[str, Any] = {}  # loader and RNG state from a snapshot, applied at epoch start
         self._stop_signal = 0
+        self._callback_stop = 0  # 1 + the index of the callback that asked the run to stop
         # The ranks' agreement on stopping, see _stop_requested_anywhere: the all-reduce in flight and
         # its tensor, the step at which the next one starts, and (step, time) when the last one started.
-        self._stop_flag = torch.zeros(2)
+        self._stop_flag = torch.zeros(3)
         self._stop_work: Any = None
         self._stop_next_step = 0
         self._stop_started_at: tuple[int, float] | None = None
         self._stop_reason = ""
         self._snapshot_step: int | None = None  # of the newest snapshot saved or loaded, on every rank
+        self._spare: Any = None  # this rank's latest micro-batch, the stuff of a filler (_filler)
         seed_everything(t.seed + self.env.rank)
 
     def _wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, nn.Module]:
@@ -403,16 +431,19 @@ class Trainer:
         self._open_reporting()
         self._compile_check_step = self.counters.step + COMPILE_CHECK_STEPS
         start = time.perf_counter()
+        self.callbacks.fire("on_fit_start", self.run_view)
         while not self._should_stop():
             self._run_epoch()
-        if self._stop_reason.startswith("stopped by signal") and self._snapshot_step != self.counters.step:
+        if self._stop_reason.startswith("stopped by") and self._snapshot_step != self.counters.step:
             self._save_snapshot()  # stopped before its first step: a stop promises a snapshot of its step
         # Rank 0 commits the last snapshot on its own thread: wait for it (a failure stops the run in one
         # line) before the summary says the run is done, and before a SLURM requeue ends the job.
         self._log_summed_losses()  # (a snapshot has logged them all already; no rank waits on this)
         self.snapshots.wait()
         self.metrics.close()
-        return self._summary(time.perf_counter() - start)
+        summary = self._summary(time.perf_counter() - start)
+        self.callbacks.fire("on_fit_end", self.run_view, summary)
+        return summary
 
     def _hold_run_dir(self) -> Any:
         """Rank 0 takes the run dir's lock; every rank hears whether it could (a refused rank 0 alone
@@ -437,14 +468,29 @@ class Trainer:
         The first signal names the stop; later ones change nothing."""
         self._stop_signal = self._stop_signal or signum
 
+    def request_callback_stop(self, name: str, reason: str) -> None:
+        """A callback's stop (RunView.request_stop): like a signal's, agreed by the ranks."""
+        if not self._callback_stop:
+            self._callback_stop = 1 + self.callbacks.index(name)
+            log.warning(
+                "step %d: callback %s asked the run to stop%s",
+                self.counters.step,
+                name,
+                f": {reason}" if reason else "",
+            )
+
     def _should_stop(self) -> bool:
         t, c = self.cfg.trainer, self.counters
         if self._stop_reason:
             return True
-        if self._stop_signal if self.env.world_size == 1 else self._stop_requested_anywhere():
-            self._stop_reason = (
-                f"stopped by signal {signal.Signals(self._stop_signal or signal.SIGTERM).name}"
-            )
+        if self.env.world_size == 1:
+            asked = self._stop_signal or self._callback_stop
+        else:
+            asked = self._stop_requested_anywhere()
+        if asked and self._stop_signal:
+            self._stop_reason = f"stopped by signal {signal.Signals(self._stop_signal).name}"
+        elif asked:
+            self._stop_reason = f"stopped by callback {self.callbacks.name_at(self._callback_stop - 1)}"
         elif t.max_steps and c.step >= t.max_steps:
             self._stop_reason = "max_steps"
         elif c.epoch >= t.max_epochs:
@@ -456,8 +502,8 @@ class Trainer:
     def _stop_requested_anywhere(self) -> bool:
         """A signal reaches the ranks at different steps (or one rank only: SLURM signals a step, torchrun
         its group), yet every rank must stop at the same step. So the ranks agree with an all-reduce
-        (MAX) of [signal, steps until the next one], started at a step boundary and read one step
-        later while it ran in the background. Each rank proposes as many steps as take
+        (MAX) of [signal, steps until the next one, a callback's stop], started at a step boundary and
+        read one step later while it ran in the background. Each rank proposes as many steps as take
         STOP_CHECK_SECONDS: the all-reduce runs ten times a second whatever the step time (one every
         step cost 0.1-0.7 ms a step on gloo, 2-6% of a small DDP step; ten a second cost ~0.15%), every
         rank reads the same result at the same step, and they stop together at most STOP_CHECK_SECONDS
@@ -467,10 +513,10 @@ class Trainer:
         step = self.counters.step
         if self._stop_work is not None and self._stop_started_at is not None:  # one started, with its step
             self._stop_work.wait()
-            signum, interval = (int(v) for v in self._stop_flag.tolist())
+            signum, interval, asked = (int(v) for v in self._stop_flag.tolist())
             self._stop_work = None
-            if signum:
-                self._stop_signal = signum
+            if signum or asked:
+                self._stop_signal, self._callback_stop = signum, asked
                 return True
             self._stop_next_step = self._stop_started_at[0] + interval
         if step >= self._stop_next_step:
@@ -480,13 +526,13 @@ class Trainer:
                 last_step, last_time = self._stop_started_at
                 proposal = max(1, int(STOP_CHECK_SECONDS * (step - last_step) / (now - last_time)))
             self._stop_started_at = (step, now)
-            self._stop_flag = torch.tensor([self._stop_signal, proposal], device=self.env.device)
+            flag = [self._stop_signal, proposal, self._callback_stop]
+            self._stop_flag = torch.tensor(flag, device=self.env.device)
             self._stop_work = dist.all_reduce(self._stop_flag, op=dist.ReduceOp.MAX, async_op=True)
         return False
 
     def _run_epoch(self) -> None:
         c, k, world = self.counters, self.accumulate, self.env.world_size
-        micro_batch = world * self.cfg.trainer.batch_size  # samples of one micro-batch on all ranks
         # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
         # Mid-epoch (after a resume) the sampler starts at this rank's share of the samples consumed:
         # rank r's i-th sample is the (r + i·world)-th of the epoch's one permutation, whatever world is.
@@ -496,26 +542,32 @@ class Trainer:
         self.loader.generator = torch.Generator().manual_seed(self.cfg.trainer.seed + c.epoch)
         if "rng" in self._pending:
             set_rng_state(self._pending.pop("rng"))
+        self.callbacks.fire("on_epoch_start", self.run_view)
         batches = iter(self.loader)
-        n, done = len(self.loader), c.samples_in_epoch // micro_batch
+        n, whole = self.epoch_samples, self.global_batch
         log_every, val_every = self.cfg.trainer.log_every_steps, self.cfg.trainer.val_every_steps
         snapshot_every = self.cfg.snapshot.every_steps
         self._epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
         compiled = self.cfg.trainer.compile
-        while done < n:
+        while c.samples_in_epoch < n:
             tick = time.perf_counter()
-            window = [next(batches)] if k == 1 else list(itertools.islice(batches, min(k, n - done)))
+            size = min(whole, n - c.samples_in_epoch)  # the window's samples on all ranks
+            if size == whole:
+                window = [next(batches)] if k == 1 else list(itertools.islice(batches, k))
+            else:  # the epoch's last window: this rank's part of what is left, maybe nothing
+                window = list(itertools.islice(batches, self._micro_batches(size, self.env.rank)))
             data_time = time.perf_counter() - tick
-            result = self._train_step(window)
+            result = self._train_step(window, size)
             c.step += 1
             if compiled and self._compile_check_step == c.step:
                 self._say_how_compile_went()
-            done += len(window)
-            c.samples_in_epoch = done * micro_batch  # mid-epoch windows are whole: exact
+            c.samples_in_epoch += size
             epoch_steps += 1
-            epoch_done = done == n
+            epoch_done = c.samples_in_epoch == n
             log_line = epoch_done or c.step % log_every == 0
             self._log_step(result, data_time, time.perf_counter() - tick, log_line)
+            if self._on_step_end:
+                self.callbacks.fire("on_step_end", self.run_view)
             if epoch_done:
                 # Let the loader see the end of the epoch, else its next iterator continues this one.
                 next(batches, None)
@@ -528,24 +580,40 @@ class Trainer:
             if epoch_done:  # (the snapshot has logged every step's loss: _epoch_loss is whole)
                 seconds = time.perf_counter() - epoch_start
                 self._print_epoch(self._epoch_loss / epoch_steps, seconds, epoch_steps)
+                self.callbacks.fire("on_epoch_end", self.run_view)
             if stopping or epoch_done:
                 return
 
-    def _train_step(self, window: list[Any]) -> StepResult:
-        """One optimizer step over an accumulation window of micro-batches. Its gradient is that of the
-        mean loss over all loss items of the window on all ranks (DESIGN.md's first contract):
-        - items that are samples (equal on every rank, known from the batches): each micro-batch's mean
-          is weighted by its share of the window's samples before backward, and DDP's mean over ranks
-          is then exact;
+    def _micro_batches(self, size: int, rank: int) -> int:
+        """Micro-batches rank `rank` holds of a window of `size` samples on all ranks: its share of them,
+        perm[r::world] of the window (EpochSampler), in batches of trainer.batch_size."""
+        world, batch_size = self.env.world_size, self.cfg.trainer.batch_size
+        return -(-max(0, -(-(size - rank) // world)) // batch_size)
+
+    def _train_step(self, window: list[Any], size: int) -> StepResult:
+        """One optimizer step over an accumulation window of micro-batches, `size` samples on all ranks.
+        Its gradient is that of the mean loss over all loss items of the window on all ranks (the
+        design page's first contract):
+        - items that are samples (known from the batches and `size`): each micro-batch's mean is
+          weighted by world size × its samples / `size` before backward, which DDP's mean over ranks
+          turns into the window's mean;
         - counted items (tokens): each mean is multiplied by its count (a sum), and once the window's
           count on all ranks is known (one all-reduce, on the device) the gradients are multiplied by
           world size / that count, which also undoes DDP's mean over ranks.
-        One micro-batch in one process needs neither: its mean is the window's (_one_batch_step)."""
+        Every rank runs as many micro-batches as rank 0, which holds the most: in an epoch's last window
+        a rank with fewer (or none) runs one sample of a batch again, weighted by zero, so that the
+        strategy's collectives (DDP's all-reduce, FSDP's gathers) meet on every rank.
+        One micro-batch in one process needs none of this: its mean is the window's (_one_batch_step)."""
         world = self.env.world_size
         if world == 1 and len(window) == 1 and not self.fp16:
             return self._one_batch_step(window[0])
         samples = list(map(num_samples, window))
-        total = sum(samples)
+        micro = self.accumulate if size == self.global_batch else self._micro_batches(size, 0)
+        if len(window) < micro:
+            window = window + [self._filler(window)] * (micro - len(window))
+            samples += [0] * (micro - len(samples))
+        elif world > 1:
+            self._spare = window[-1]
         whole = len(window) == 1 and world == 1
         losses, counts, counted = [], [], 0
         for i, batch in enumerate(window):
@@ -554,38 +622,50 @@ class Trainer:
             # Forward too must run inside no_sync: DDP decides in forward whether backward all-reduces.
             with NO_CONTEXT if final else self.strategy.no_sync(self.model):
                 out = self._run_step(batch)
+                batch_items = out.items if samples[i] else 0  # (a filler counts none)
                 if out.items is None:  # samples (no multiply for the whole window: 12 us of a small step)
-                    weight = samples[i] / total
+                    weight = samples[i] * world / size
                     loss = out.loss * weight if weight != 1 else out.loss
                 else:
-                    loss = out.loss if whole else out.loss * out.items
+                    loss = out.loss if whole else out.loss * batch_items
                     counted += 1
                 (self.scaler.scale(loss) if self.fp16 else loss).backward()
             losses.append(out.loss)  # detached where it is read
-            counts.append(out.items)
-            if out.metrics:
+            counts.append(batch_items)
+            if out.metrics and samples[i]:
                 self.train_metrics.add(out.metrics, samples[i] if out.items is None else out.items)
         if counted not in (0, len(window)):
             raise ConfigError("step: returned items for some micro-batches of a window and not for others")
         if self.fp16:
             self.scaler.unscale_(self.optimizer)  # clip in real units, not scaled ones
-        items = self._rescale_by_items(counts, whole) if counted else None
+        all_items = self._rescale_by_items(counts, whole) if counted else None
         flow = self._grad_flow() if self.grad_flow_every else None  # per-module norms
         grad_norm = self._clip_gradients()
-        values = self._to_host([*losses, grad_norm, *([items, *counts] if counted else [])])
+        values = self._to_host([*losses, grad_norm, *([all_items, *counts] if counted else [])])
         micro_losses, norm_value = values[: len(window)], values[len(window)]
         if counted:  # this rank's sum of loss × items, over the items of all ranks
             window_items, local = values[len(window) + 1], values[len(window) + 2 :]
             loss_sum = sum(v * n for v, n in zip(micro_losses, local, strict=True) if n)
             loss_over = window_items
-        else:  # this rank's mean over its samples; every rank holds as many, so the ranks' mean of them
-            window_items = float(total * world)
-            loss_sum, loss_over = sum(map(operator.mul, micro_losses, samples)) / total, float(world)
+        else:  # this rank's sum of loss × samples, over the window's samples on all ranks
+            window_items = float(size)
+            loss_sum = sum(v * n for v, n in zip(micro_losses, samples, strict=True) if n)
+            loss_over = window_items
         verdict = self._optimizer_step(norm_value, window_items)
-        if not counted:
-            targets = self._targets(window)
-            window_items = None if targets is None else targets * world
-        return StepResult(loss_sum, loss_over, norm_value, verdict, flow, total, window_items)
+        tokens = window_items if counted else self._targets(window, size)
+        return StepResult(loss_sum, loss_over, norm_value, verdict, flow, size, tokens)
+
+    def _filler(self, window: list[Any]) -> Any:
+        """A micro-batch for a rank that holds fewer than rank 0 in an epoch's last window, weighted by
+        zero (its gradient adds exactly nothing): this rank's latest batch again, whole (a BatchNorm
+        could not train on one sample of it). Only a rank resumed right into that window, holding none
+        of it, reads a batch of the dataset's first samples."""
+        if window:
+            return window[-1]
+        if self._spare is None:
+            first = [self.loader.dataset[i] for i in range(self.cfg.trainer.batch_size)]  # type: ignore[index]
+            self._spare = self.loader.collate_fn(first)
+        return self._spare
 
     def _one_batch_step(self, batch: Any) -> StepResult:
         """The window of one micro-batch in one process (fp32, bf16): its mean loss is the window's, so
@@ -608,7 +688,7 @@ class Trainer:
             else:
                 loss_value, norm_value = self._to_host([out.loss, grad_norm])
             verdict = self._optimizer_step(norm_value, samples)
-            items = self._targets([batch])
+            items = self._targets([batch], samples)
         else:
             loss_value, norm_value, items = self._to_host([out.loss, grad_norm, out.items])
             verdict = self._optimizer_step(norm_value, items)
@@ -621,6 +701,8 @@ class Trainer:
         """The optimizer step, if the gradients allow it, then zero_grad and the learning rate schedule.
         Gradients are identical on every rank after the all-reduce, so every rank decides alike:
         non-finite gradients, and explosions under health.on_explosion=skip, skip the step."""
+        if self._on_before_optimizer_step:
+            self.callbacks.fire("on_before_optimizer_step", self.run_view)
         verdict = self.health.judge(norm_value, self.counters, step=self.counters.step + 1)
         if not window_items:
             verdict = self._no_items(verdict)
@@ -639,12 +721,13 @@ class Trainer:
             self.scheduler.step()
         return verdict
 
-    def _targets(self, window: list[Any]) -> float | None:
-        """All targets of a window of `(inputs, target)` batches of a token dataset weighted by samples:
-        every one counts (tokens_per_s); None for other datasets and batches."""
+    def _targets(self, window: list[Any], size: int) -> float | None:
+        """All targets of a window of `size` samples on all ranks, of `(inputs, target)` batches of a token
+        dataset weighted by samples: every sample has as many, all count (tokens_per_s); None for other
+        datasets and batches."""
         if not self.counts_tokens or not isinstance(window[0], (list, tuple)):
             return None
-        return float(sum([b[1].numel() for b in window]))
+        return float(size * window[0][1][0].numel())
 
     def _to_host(self, values: list[Any]) -> list[float]:
         """The step's numbers (0-dim tensors, ints) as Python floats. On CUDA one transfer, the step's
@@ -740,7 +823,7 @@ class Trainer:
     @torch.no_grad()
     def _validate(self) -> None:
         """Mean loss over all loss items of the held-out split on all ranks (and the step's extra metrics,
-        means over the same items). DistributedSampler pads the last shard with repeated samples; those
+        means over the same items). The sampler pads the last shard with repeated samples; those
         positions (global index >= the split's length) are cut from the batch, so they never count."""
         if self.val_loader is None:
             return
@@ -774,6 +857,8 @@ class Trainer:
         record = {"step": c.step, "epoch": c.epoch, "val_loss": c.last_val_loss}
         record.update({f"val_{name}": value for name, value in means.read(world).items()})
         self._log(record)
+        metrics = {key: value for key, value in record.items() if key.startswith("val_")}
+        self.callbacks.fire("on_validation_end", self.run_view, metrics)
 
     # -- snapshots ----------------------------------------------------------------------------------------
     def _save_snapshot(self) -> None:
@@ -784,6 +869,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "counters": c.state_dict(),
+            "callbacks": self.callbacks.state_dict(),
         }
         write_sharded = None
         if self.strategy.shards_parameters:  # every rank writes its shards of the model and optimizer
@@ -796,6 +882,7 @@ class Trainer:
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg), "optimizer": class_name(self.optimizer)}
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta, write_sharded)
         self._snapshot_step = c.step
+        self.callbacks.fire("on_snapshot", self.run_view, c.step)
 
     def _load_snapshot(self) -> Snapshot | None:
         snap = self.snapshots.find_latest()
@@ -818,6 +905,7 @@ class Trainer:
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])
+        self.callbacks.load_state_dict(shared.get("callbacks", {}))
         self._snapshot_step = snap.step
         written_by = snap.world_size
         if "samples_in_epoch" not in shared["counters"]:  # a snapshot from before the global position
@@ -886,6 +974,8 @@ class Trainer:
         self.metrics.write(record)
         if self.wandb is not None:
             self.wandb.log(record)
+        if self._on_log and self.env.is_main:
+            self.callbacks.fire("on_log", self.run_view, record)
 
     def _log_step(self, result: StepResult, data_time: float, step_time: float, log_line: bool) -> None:
         """One line of metrics.jsonl (fields: disttrain.metrics) and wandb, and the progress display. All
@@ -897,7 +987,7 @@ class Trainer:
         record: dict[str, Any] | None = None
         if self.env.is_main:
             c, verdict = self.counters, result.verdict
-            samples_per_s = result.samples * self.env.world_size / step_time
+            samples_per_s = result.samples / step_time
             record = {
                 "step": c.step,
                 "epoch": c.epoch,
@@ -951,7 +1041,7 @@ class Trainer:
             record["loss"] = loss
             self._log(record)
             assert self.progress is not None
-            samples = result.samples * self.env.world_size
+            samples = result.samples
             self.progress.update(
                 record["step"], record["epoch"], loss, samples, record["samples_per_s"], ended
             )

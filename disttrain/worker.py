@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from disttrain import runlock
+from disttrain.callbacks import CallbackError
 from disttrain.config import (
     ConfigError,
     TrainConfig,
@@ -33,10 +34,10 @@ from disttrain.config import (
     register_resolvers,
     to_dict,
 )
-from disttrain.data import training_splits
+from disttrain.data import one_sample_micro_batches, training_splits
 from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError, freeze_config, newest_snapshot
-from disttrain.trainer import Trainer, make_optimizer
+from disttrain.trainer import Trainer, check_tail_for_batchnorm, make_optimizer
 
 log = logging.getLogger("disttrain")
 
@@ -75,6 +76,8 @@ def build(key: str, spec: dict[str, Any]) -> Any:
         return instantiate(spec)
     except Exception as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        if isinstance(cause, ConfigError):  # the class refused its own arguments: its line says why
+            raise cause from None
         target = spec.get("_target_")
         why = describe_exception(cause)
         raise BuildError(f"{key}._target_={target!r}: building it raised {why}") from None
@@ -84,7 +87,13 @@ def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
     """The config's dataset, refused in one line (ConfigError) when it is too small for a job of
     `world_size` processes: what a launcher checks before any process or run file exists."""
     dataset = build("data", cfg.data)
-    training_splits(dataset, None, cfg.trainer, world_size)
+    train_split, _ = training_splits(dataset, None, cfg.trainer, world_size)
+    if one_sample_micro_batches(len(train_split), cfg.trainer, world_size):  # type: ignore[arg-type]
+        # Rare enough to build the model for (on the meta device: no memory, no weights) to look for
+        # a BatchNorm, which could not train on that micro-batch.
+        with torch.device("meta"):
+            model = build("model", cfg.model)
+        check_tail_for_batchnorm(model, len(train_split), cfg.trainer, world_size)  # type: ignore[arg-type]
     return dataset
 
 
@@ -104,7 +113,9 @@ def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) ->
     torch.manual_seed(cfg.trainer.seed)
     model = build("model", cfg.model)
     step = instantiate(cfg.step, _partial_=True) if cfg.step else None
-    return Trainer(model, make_optimizer(cfg.optim, model), dataset, cfg, step=step, env=env)
+    callbacks = {name: build(f"callbacks.{name}", spec) for name, spec in cfg.callbacks.items() if spec}
+    optimizer = make_optimizer(cfg.optim, model)
+    return Trainer(model, optimizer, dataset, cfg, step=step, env=env, callbacks=callbacks)
 
 
 class StopSignals:
@@ -270,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             runlock.acquire(cfg.run_dir)  # held until this process exits (a no-op if the launcher holds it)
             record_run(cfg, Path(args[0]))
         summary = train(cfg)
-    except (ConfigError, SnapshotError, BuildError) as e:
+    except (ConfigError, SnapshotError, BuildError, CallbackError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     if where.local_rank == 0 and stopped_by(summary) is None:

@@ -293,9 +293,9 @@ def trainer_loop(case: dict[str, Any], plan: dict[str, Any], env: Any, clock: Cl
     from disttrain.trainer import Trainer, make_optimizer
 
     class TimedTrainer(Trainer):
-        def _train_step(self, window: Any) -> Any:
+        def _train_step(self, window: Any, size: int) -> Any:
             clock.tick()
-            return Trainer._train_step(self, window)  # (not super(): the clock costs what the hand's does)
+            return Trainer._train_step(self, window, size)  # (not super(): costs what the hand's clock does)
 
     dp = case["kind"] == "dp"
     model, dataset, batch = build(case["model"], plan, env.world_size)

@@ -161,11 +161,11 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
     seen: dict[str, int] = {"grads": 0, "peak": 0}
 
     class Timed(Trainer):
-        def _train_step(self, window: Any) -> Any:
+        def _train_step(self, window: Any, size: int) -> Any:
             clock.tick()
             if cuda:
                 torch.cuda.reset_peak_memory_stats(env.device)
-            result = super()._train_step(window)
+            result = super()._train_step(window, size)
             if cuda:
                 seen["peak"] = max(seen["peak"], torch.cuda.max_memory_allocated(env.device))
             return result

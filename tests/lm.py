@@ -11,10 +11,11 @@ from torch.utils.data import Dataset
 
 from disttrain.step import StepOutput
 
-#: Real tokens of the 16 sequences. In the order `disttrain check` splits them (contiguous shares), the
-#: ranks and micro-batches of every variant hold different token counts: DDP 2×8 gives rank 0 50 tokens
-#: and rank 1 28; with 2 micro-batches of 4 per rank, rank 1's second one holds none at all.
-LENGTHS = [12, 1, 5, 9, 2, 11, 3, 7, 10, 4, 8, 6, 0, 0, 0, 0]
+#: Real tokens of the first 16 sequences. As `disttrain check` deals them (in order, rank r the samples
+#: r, r + world, ...), the ranks and micro-batches of every variant hold different token counts: DDP 2×8
+#: gives rank 0 50 tokens and rank 1 28; with 2 micro-batches of 4 per rank, rank 1's second one holds
+#: none at all.
+LENGTHS = [12, 1, 5, 9, 2, 11, 3, 7, 10, 0, 8, 0, 6, 0, 4, 0]
 
 
 class PaddedSequences(Dataset):

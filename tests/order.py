@@ -51,16 +51,28 @@ class Regressor(nn.Module):
         return nn.functional.mse_loss(self.linear(x), y)
 
 
-def steps_read(log_dir: Path, first_step: int, global_batch: int) -> dict[int, list[int]]:
+def steps_read(
+    log_dir: Path, first_step: int, global_batch: int, epoch_samples: int | None = None
+) -> dict[int, list[int]]:
     """step -> the samples it consumed, in the epoch's global order, from one life's logs: rank r's
-    i-th sample of a step is the step's (i·world + r)-th (DistributedSampler gives rank r perm[r::world]).
+    i-th sample of a step is the step's (i·world + r)-th (the sampler gives rank r perm[r::world]).
+    An epoch of `epoch_samples` that does not divide by the global batch ends on a shorter step, of
+    which rank r holds the positions r, r + world, ... of what is left (some ranks one fewer).
     Only whole steps count (a killed life read samples of a step it never finished)."""
     paths = sorted(log_dir.glob("rank*.txt"), key=lambda p: int(p.stem.removeprefix("rank")))
     ranks = [[int(v) for v in p.read_text().split()] for p in paths]
     world = len(ranks)
-    per_rank = global_batch // world
-    steps = {}
-    for j in range(min(map(len, ranks)) // per_rank):
-        chunk = [seq[j * per_rank : (j + 1) * per_rank] for seq in ranks]
-        steps[first_step + j] = [chunk[r][i] for i in range(per_rank) for r in range(world)]
-    return steps
+    n = epoch_samples or 0
+    per_epoch = -(-n // global_batch)
+    steps, read, step = {}, [0] * world, first_step
+    while True:
+        size = global_batch
+        if per_epoch and step % per_epoch == 0:  # the epoch's last step
+            size = n - (per_epoch - 1) * global_batch
+        shares = [max(0, -(-(size - r) // world)) for r in range(world)]
+        if any(read[r] + shares[r] > len(ranks[r]) for r in range(world)):
+            return steps
+        chunk = [ranks[r][read[r] : read[r] + shares[r]] for r in range(world)]
+        steps[step] = [chunk[r][i] for i in range(shares[0]) for r in range(world) if i < shares[r]]
+        read = [n + share for n, share in zip(read, shares, strict=True)]
+        step += 1

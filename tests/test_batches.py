@@ -44,8 +44,8 @@ def test_padded_sequences_give_the_same_gradients_under_every_strategy(step) -> 
     result = run_cli("check", *LM, *step, "--samples", "16", "--accumulate", "4")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = pairs(result.stdout)
-    assert len(rows) == 21 and all(approx == "True" and diff <= 1e-6 for _, approx, diff in rows), rows
-    assert "OK: all 21 pairs give the same gradients within 1e-06" in result.stdout
+    assert len(rows) == 42 and all(approx == "True" and diff <= 1e-6 for _, approx, diff in rows), rows
+    assert "OK: all 42 pairs give the same gradients within 1e-06" in result.stdout
 
 
 def test_a_step_that_averages_micro_batches_without_counts_is_a_mismatch() -> None:
@@ -55,7 +55,7 @@ def test_a_step_that_averages_micro_batches_without_counts_is_a_mismatch() -> No
     assert rows["single ~ accumulate"] > 1e-4 and rows["single ~ ddp"] > 1e-4
     assert rows["single ~ dp"] <= 1e-6  # one process, one batch: the same mean either way
     assert re.search(
-        r"^MISMATCH: \d+ of 21 pairs differ beyond 1e-06: the step tests.lm.unweighted_step returns a loss "
+        r"^MISMATCH: \d+ of 42 pairs differ beyond 1e-06: the step tests.lm.unweighted_step returns a loss "
         r"that is not the mean over the items it reports \(a token loss returned without its count is "
         r"weighted like a mean over samples\)$",
         result.stdout,
@@ -157,7 +157,7 @@ def test_the_in_process_loader_yields_torchs_batches(source) -> None:
         sampler.set_epoch(5, start=start)
         loader = loader_of(sampler)
         batches[name] = [leaves(b) for b in loader]
-        assert len(loader) == math.ceil(sampler.num_samples / 4)
+        assert len(loader) == math.ceil(len(sampler) / 4) == len(batches[name])
     assert isinstance(make_loader(data, sampler, 4, 0, False), InProcessLoader)
     assert len(batches["torch"]) > 1
     for name in ("make_loader", "workers"):

@@ -20,11 +20,12 @@ LAYERS = [
     ["strategy"],
     ["sharded", "snapshot"],
     ["runlock", "health", "metrics", "progress"],
+    ["callbacks"],
     ["trainer"],
     ["worker"],
     ["compose", "conf"],
     ["launch.supervise", "launch.local", "launch.torchrun", "launch.slurm", "launch"],
-    ["sweep", "check", "plot", "export"],
+    ["sweep", "check", "plot", "export", "tokenize"],
     ["cli", "__main__", ""],
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -104,6 +104,77 @@ def test_sigkill_mid_window_then_resume_on_two_processes(reference, tmp_path) ->
     assert_continues_like(reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", resumed_at + 1)])
 
 
+#: The same job over 201 samples, 24 per optimizer step: 8 whole steps an epoch, then one of the 9 that
+#: are left, which divide by none of 2, 3 and 4 processes' micro-batches (batch 2: on 4 processes the
+#: ranks hold 3, 2, 2, 2 of them, in 2, 1, 1, 1 micro-batches).
+TAIL_JOB = [*JOB, "data.size=201", "trainer.global_batch_size=24", "trainer.batch_size=2"]
+TAIL_STEPS, TAIL_EPOCH = 18, 201
+
+
+@pytest.fixture(scope="module")
+def tail_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, list[int]]]:
+    root = tmp_path_factory.mktemp("tail")
+    result = disttrain(*TAIL_JOB, f"run_dir={root / 'run'}", ORDER_LOG=str(root / "log"))
+    assert result.returncode == 0, result.stderr
+    steps = steps_read(root / "log", 1, 24, TAIL_EPOCH)
+    assert sorted(steps) == list(range(1, TAIL_STEPS + 1))
+    assert [len(steps[s]) for s in (8, 9, 10)] == [24, 9, 24]  # the epoch ends on what is left
+    for epoch in (range(1, 10), range(10, 19)):  # each sample once an epoch, none repeated
+        assert sorted(i for s in epoch for i in steps[s]) == list(range(TAIL_EPOCH))
+    return root / "run", steps
+
+
+def assert_tail_like(tail_reference, run_dir: Path, lives: list[tuple[Path, int]]) -> None:
+    ref_dir, ref_steps = tail_reference
+    seen: dict[int, list[int]] = {}
+    for log_dir, first_step in lives:
+        seen.update(steps_read(log_dir, first_step, 24, TAIL_EPOCH))
+    assert {s: seen.get(s) for s in ref_steps} == ref_steps
+    steps, losses = step_losses(run_dir)
+    assert steps == list(range(1, TAIL_STEPS + 1))
+    # The short step is the mean over its 9 samples on any number of processes: the curve goes on alike.
+    assert losses == pytest.approx(step_losses(ref_dir)[1], rel=1e-5)
+    for name, tensor in final_weights(ref_dir).items():
+        torch.testing.assert_close(final_weights(run_dir)[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_an_epoch_that_does_not_divide_trains_the_same_steps_on_any_number_of_processes(
+    tail_reference, tmp_path, world
+) -> None:
+    run_dir = tmp_path / "run"
+    result = disttrain(*TAIL_JOB, *on(world), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_tail_like(tail_reference, run_dir, [(tmp_path / "log", 1)])
+
+
+def test_a_job_stopped_before_an_epochs_short_step_takes_it_on_another_number_of_processes(
+    tail_reference, tmp_path
+) -> None:
+    run_dir = tmp_path / "run"
+    first = disttrain(
+        *TAIL_JOB, *on(4), "trainer.max_steps=8", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "1")
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = disttrain(*TAIL_JOB, *on(3), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(epoch 0, step 8, 4 -> 3 processes)" in again.stderr
+    assert_tail_like(tail_reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", 9)])
+
+
+def test_drop_last_leaves_out_the_short_step_on_two_processes(tail_reference, tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    result = disttrain(
+        *TAIL_JOB, *on(2), "trainer.drop_last=true", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = steps_read(tmp_path / "log", 1, 24)
+    assert sorted(steps) == list(range(1, 17)) and summary(run_dir)["steps"] == 16  # 8 whole steps an epoch
+    ref_steps = tail_reference[1]
+    assert [steps[s] for s in range(1, 9)] == [ref_steps[s] for s in range(1, 9)]  # the same order
+    assert len({i for s in range(1, 9) for i in steps[s]}) == 192  # the 9 left out, none repeated
+
+
 def test_a_resume_that_would_change_the_global_batch_is_refused(tmp_path) -> None:
     run_dir = tmp_path / "run"
     first = disttrain(*JOB, "trainer.max_steps=2", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log"))

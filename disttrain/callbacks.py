@@ -1,0 +1,206 @@
+"""Callbacks: the public events of a run, and the small view of the run a callback sees.
+
+A callback is any object with some of these methods (subclassing `Callback` is optional: it documents
+the signatures and makes every event a no-op until overridden):
+
+    on_fit_start(run)                    training starts (after a resume: at the snapshot's step)
+    on_epoch_start(run)                  an epoch starts (mid-epoch after a resume)
+    on_before_optimizer_step(run)        the step's gradients are final (summed over ranks, unscaled,
+                                         clipped); the optimizer steps next
+    on_step_end(run)                     an optimizer step ended (run.step counts it)
+    on_log(run, record)                  rank 0 only: a line of metrics.jsonl (a step's or a validation's)
+    on_validation_end(run, metrics)      a validation ended: {"val_loss": ..., "val_<metric>": ...}
+    on_snapshot(run, step)               the snapshot of `step` was written (rank 0 commits it on its
+                                         own thread; a failed commit stops the run)
+    on_epoch_end(run)                    an epoch ended (after its validation and snapshot)
+    on_fit_end(run, summary)             training ended; summary["stopped"] says why
+
+Every event but `on_log` is called on every rank, in the same order, with callbacks in the order they
+were given. `run` (`RunView`) reads the run's step, epoch, rank, world size, model, optimizer, run dir
+and latest metrics, and `run.request_stop(reason)` stops the run: the ranks agree on it as on a stop
+signal, so every rank stops at the same step, with a snapshot, whichever rank asked.
+
+A callback with `state_dict()` and `load_state_dict(state)` is part of the snapshot (rank 0's state,
+under the callback's name) and resumes with it, also on another number of processes: its state must
+then be the same on every rank, as it is for a callback that decides from values the ranks agree on. A
+method named `on_...` that is not one of the events is refused in one line (a typo would never be
+called); a callback that raises stops the run in one line naming the callback and the event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from disttrain.config import ConfigError, describe_exception
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+EVENTS = (
+    "on_fit_start",
+    "on_epoch_start",
+    "on_before_optimizer_step",
+    "on_step_end",
+    "on_log",
+    "on_validation_end",
+    "on_snapshot",
+    "on_epoch_end",
+    "on_fit_end",
+)
+
+
+class Callback:
+    """A base class for callbacks whose every event does nothing; override the ones you need."""
+
+    def on_fit_start(self, run: RunView) -> None: ...
+    def on_epoch_start(self, run: RunView) -> None: ...
+    def on_before_optimizer_step(self, run: RunView) -> None: ...
+    def on_step_end(self, run: RunView) -> None: ...
+    def on_log(self, run: RunView, record: dict[str, Any]) -> None: ...
+    def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None: ...
+    def on_snapshot(self, run: RunView, step: int) -> None: ...
+    def on_epoch_end(self, run: RunView) -> None: ...
+    def on_fit_end(self, run: RunView, summary: dict[str, Any]) -> None: ...
+
+
+class CallbackError(RuntimeError):
+    """A callback raised: the run stops, with this one line naming the callback and the event."""
+
+
+class RunView:
+    """What a callback sees of the run: read-only numbers and the objects it may use, and a way to stop.
+
+    `model` is your module (unwrapped: its state_dict keys are yours; under FSDP its parameters are
+    DTensor shards), `optimizer` the one the Trainer steps. `metrics` holds the latest loss, validation
+    loss and best validation loss."""
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = trainer
+
+    @property
+    def step(self) -> int:
+        return int(self._trainer.counters.step)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._trainer.counters.epoch)
+
+    @property
+    def rank(self) -> int:
+        return int(self._trainer.env.rank)
+
+    @property
+    def world_size(self) -> int:
+        return int(self._trainer.env.world_size)
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self._trainer.env.is_main)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._trainer.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._trainer.optimizer
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self._trainer.run_dir)
+
+    @property
+    def max_steps(self) -> int:
+        """The step the run ends at unless something stops it sooner."""
+        return int(self._trainer.total_steps)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        c = self._trainer.counters
+        return {"loss": c.last_loss, "val_loss": c.last_val_loss, "best_val_loss": c.best_val_loss}
+
+    def request_stop(self, reason: str = "") -> None:
+        """Stop the run at a step boundary soon (every rank at the same step), with a snapshot."""
+        self._trainer.request_callback_stop(self._trainer.callbacks.current, reason)
+
+
+class Callbacks:
+    """The run's callbacks by name, and the events each one has: calling an event costs nothing for
+    callbacks that lack it (each event's handlers are found once, here)."""
+
+    def __init__(self, callbacks: Mapping[str, Any] | Sequence[Any] | None) -> None:
+        if callbacks is None:
+            callbacks = {}
+        if not isinstance(callbacks, Mapping):
+            callbacks = _named(callbacks)
+        self.named: dict[str, Any] = {str(k): v for k, v in callbacks.items() if v is not None}
+        #: The name of the callback whose event is running (request_stop says who asked).
+        self.current = ""
+        self.handlers: dict[str, list[tuple[str, Callable[..., Any]]]] = {event: [] for event in EVENTS}
+        for name, callback in self.named.items():
+            check_events(name, callback)
+            for event in EVENTS:
+                method = getattr(callback, event, None)
+                if method is not None and getattr(type(callback), event, None) is not getattr(
+                    Callback, event
+                ):
+                    self.handlers[event].append((name, method))
+
+    def __bool__(self) -> bool:
+        return bool(self.named)
+
+    def fire(self, event: str, *args: Any) -> None:
+        for name, method in self.handlers[event]:
+            self.current = name
+            try:
+                method(*args)
+            except Exception as e:
+                raise CallbackError(f"callback {name} raised in {event}: {describe_exception(e)}") from e
+            finally:
+                self.current = ""
+
+    def index(self, name: str) -> int:
+        return list(self.named).index(name)
+
+    def name_at(self, index: int) -> str:
+        return list(self.named)[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: cb.state_dict() for name, cb in self.named.items() if hasattr(cb, "state_dict")}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, callback in self.named.items():
+            if name in state and hasattr(callback, "load_state_dict"):
+                try:
+                    callback.load_state_dict(state[name])
+                except Exception as e:
+                    why = describe_exception(e)
+                    raise CallbackError(f"callback {name} raised in load_state_dict: {why}") from e
+
+
+def _named(callbacks: Sequence[Any]) -> dict[str, Any]:
+    """A list of callbacks named by their classes (a second of one class gets `_2`, and so on)."""
+    named: dict[str, Any] = {}
+    for callback in callbacks:
+        base = type(callback).__name__
+        name, n = base, 1
+        while name in named:
+            n += 1
+            name = f"{base}_{n}"
+        named[name] = callback
+    return named
+
+
+def check_events(name: str, callback: Any) -> None:
+    """A method named like an event that is none (`on_step_ned`) would never be called: refused. Takes
+    a callback or its class."""
+    cls = callback if isinstance(callback, type) else type(callback)
+    for attr in dir(callback):
+        if attr.startswith("on_") and attr not in EVENTS and callable(getattr(callback, attr, None)):
+            raise ConfigError(
+                f"callbacks.{name}: {cls.__name__}.{attr} is not an event; the events are "
+                + ", ".join(EVENTS)
+            )

@@ -1,0 +1,92 @@
+"""Callbacks the tests use through the config (`+callbacks.NAME._target_=tests.callbacks.Recorder`) or in
+Python: each does what a user's would, through the public events only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from disttrain.callbacks import Callback, RunView
+
+
+class Recorder(Callback):
+    """Writes every event it sees, with the step, to `out/rank<RANK>.txt` (one line each, as it happens)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def _write(self, run: RunView, what: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / f"rank{run.rank}.txt", "a") as f:
+            f.write(f"{what} {run.step} {run.epoch}\n")
+
+    def on_fit_start(self, run: RunView) -> None:
+        self._write(run, "fit_start")
+
+    def on_epoch_start(self, run: RunView) -> None:
+        self._write(run, "epoch_start")
+
+    def on_before_optimizer_step(self, run: RunView) -> None:
+        self._write(run, "before_optimizer_step")
+
+    def on_step_end(self, run: RunView) -> None:
+        self._write(run, "step_end")
+
+    def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
+        self._write(run, f"validation_end {sorted(metrics)}")
+
+    def on_snapshot(self, run: RunView, step: int) -> None:
+        self._write(run, f"snapshot {step}")
+
+    def on_epoch_end(self, run: RunView) -> None:
+        self._write(run, "epoch_end")
+
+    def on_fit_end(self, run: RunView, summary: dict[str, Any]) -> None:
+        self._write(run, f"fit_end {summary['stopped']}")
+
+
+class StopAt(Callback):
+    """Asks the run to stop after optimizer step `step`, on rank `rank` only."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, run: RunView) -> None:
+        if run.rank == self.rank and run.step == self.step:
+            run.request_stop(f"step {self.step} reached on rank {self.rank}")
+
+
+class StepCounter(Callback):
+    """Counts the optimizer steps it has seen, across resumes (its count is in the snapshot), and
+    writes the count to `out` when the run ends."""
+
+    def __init__(self, out: str = "") -> None:
+        self.out, self.steps = out, 0
+
+    def on_step_end(self, run: RunView) -> None:
+        self.steps += 1
+
+    def on_fit_end(self, run: RunView, summary: dict[str, Any]) -> None:
+        if self.out and run.is_main:
+            Path(self.out).write_text(str(self.steps))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+
+
+class Typo(Callback):
+    def on_step_ned(self, run: RunView) -> None: ...
+
+
+class Raises(Callback):
+    """Raises in on_step_end at step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, run: RunView) -> None:
+        if run.step == self.step:
+            raise ValueError(f"no good at step {run.step}")

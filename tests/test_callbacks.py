@@ -1,0 +1,133 @@
+"""Callbacks (disttrain.callbacks): the events and their order, a stop any rank may ask for, a callback's
+state in the snapshot, and the one line for a callback that is wrong."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from disttrain.callbacks import EVENTS, CallbackError
+from disttrain.config import ConfigError, SnapshotConfig, TrainConfig, TrainerConfig
+from disttrain.data import RandomRegression
+from disttrain.snapshot import list_snapshots
+from disttrain.trainer import Trainer, seed_everything
+from tests.callbacks import Raises, Recorder, StepCounter, StopAt, Typo
+from tests.support import SMALL, disttrain, kill_at_step, start, summary
+
+
+def regression_trainer(run_dir: Path, callbacks, **trainer) -> Trainer:
+    """48 samples, 12 held out: steps of 8, the fifth of each epoch takes the 4 left."""
+    seed_everything(0)
+    model = nn.Linear(20, 1)
+    cfg = TrainConfig(
+        run_dir=str(run_dir),
+        trainer=TrainerConfig(**{"batch_size": 8, "max_epochs": 2, "val_fraction": 0.25, **trainer}),
+        snapshot=SnapshotConfig(every_steps=2),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return Trainer(model, optimizer, RandomRegression(size=48), cfg, callbacks=callbacks)
+
+
+def events(out: Path, rank: int = 0) -> list[str]:
+    return (out / f"rank{rank}.txt").read_text().splitlines()
+
+
+def test_the_events_come_in_their_documented_order(tmp_path) -> None:
+    seen: list[dict] = []
+
+    class Lines:
+        def on_log(self, run, record) -> None:
+            seen.append(record)
+
+    regression_trainer(tmp_path / "run", [Recorder(str(tmp_path / "events")), Lines()]).fit()
+    expected = ["fit_start 0 0"]
+    for epoch in (0, 1):
+        expected.append(f"epoch_start {5 * epoch} {epoch}")
+        for step in range(5 * epoch + 1, 5 * epoch + 6):
+            expected += [f"before_optimizer_step {step - 1} {epoch}", f"step_end {step} {epoch}"]
+            if step % 2 == 0 and step % 5:
+                expected.append(f"snapshot {step} {step} {epoch}")
+        end = 5 * epoch + 5  # the epoch has ended: validation, snapshot, then its own event
+        expected += [f"validation_end ['val_loss'] {end} {epoch + 1}", f"snapshot {end} {end} {epoch + 1}"]
+        expected.append(f"epoch_end {end} {epoch + 1}")
+    expected.append("fit_end max_epochs 10 2")
+    assert events(tmp_path / "events") == expected
+    # on_log gets the lines metrics.jsonl gets, in its order.
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [r["step"] for r in seen] == [int(re.search(r'"step": (\d+)', line)[1]) for line in lines]
+    assert [("loss" in r, "val_loss" in r) for r in seen].count((False, True)) == 2
+
+
+def test_a_callback_stops_the_run_with_a_snapshot_and_its_state_resumes(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    first = regression_trainer(run_dir, {"count": StepCounter(), "stop": StopAt(3)}).fit()
+    assert (first["stopped"], first["steps"], first["snapshot"]) == (
+        "stopped by callback stop",
+        3,
+        "step_00000003",
+    )
+    out = tmp_path / "count"
+    again = regression_trainer(run_dir, {"count": StepCounter(str(out))}).fit()
+    assert again["steps"] == 10 and again["stopped"] == "max_epochs"
+    assert out.read_text() == "10"  # 3 counted before the stop, in the snapshot, and 7 after it
+
+
+def test_an_event_that_does_not_exist_is_refused_before_anything_starts(tmp_path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        regression_trainer(tmp_path / "run", [Typo()])
+    assert str(refused.value) == (
+        "callbacks.Typo: Typo.on_step_ned is not an event; the events are " + ", ".join(EVENTS)
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_callback_that_raises_is_one_line_and_the_newest_snapshot_is_intact(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(CallbackError) as raised:
+        regression_trainer(run_dir, [Raises(step=3)]).fit()
+    assert re.fullmatch(
+        r"callback Raises raised in on_step_end: ValueError: no good at step 3 \(.*tests/callbacks\.py:\d+\)",
+        str(raised.value),
+    )
+    newest = list_snapshots(run_dir / "snapshots")[0]
+    newest.verify()
+    assert newest.step == 2
+
+
+@pytest.mark.slow
+def test_a_stop_asked_on_rank_1_ends_both_ranks_at_one_step_with_the_same_events(tmp_path) -> None:
+    run_dir, out = tmp_path / "run", tmp_path / "events"
+    result = disttrain(
+        *SMALL, "launcher=torchrun", "launcher.nproc_per_node=2", f"run_dir={run_dir}",
+        "+callbacks.rec._target_=tests.callbacks.Recorder", f"+callbacks.rec.out={out}",
+        "+callbacks.stop._target_=tests.callbacks.StopAt", "+callbacks.stop.step=5", "+callbacks.stop.rank=1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "disttrain[rank 1]: step 5: callback stop asked the run to stop: step 5 reached on rank 1" in (
+        result.stderr
+    )
+    done = summary(run_dir)
+    assert done["stopped"] == "stopped by callback stop" and done["steps"] >= 5
+    assert list_snapshots(run_dir / "snapshots")[0].step == done["steps"]
+    assert events(out, 0) == events(out, 1)  # every event on both ranks, in one order
+    assert events(out, 0)[-1] == f"fit_end stopped by callback stop {done['steps']} 0"
+
+
+@pytest.mark.slow
+def test_a_callbacks_state_survives_a_sigkill_and_a_resume_from_two_processes_to_one(tmp_path) -> None:
+    run_dir, out = tmp_path / "run", tmp_path / "count"
+    job = [
+        *SMALL, "trainer.global_batch_size=32", "snapshot.every_steps=10", f"run_dir={run_dir}",
+        "+callbacks.count._target_=tests.callbacks.StepCounter", f"+callbacks.count.out={out}",
+    ]  # fmt: skip
+    kill_at_step(start(*job, "launcher=torchrun", "launcher.nproc_per_node=2"), run_dir, 25)
+    resumed_at = list_snapshots(run_dir / "snapshots")[0].step
+    again = disttrain(*job)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(epoch 0, step {resumed_at}, 2 -> 1 processes)" in again.stderr
+    # The count the snapshot held, and one for each step after it: every step once.
+    assert out.read_text() == str(summary(run_dir)["steps"])
