@@ -10,12 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.clusters.slurm import SlurmCluster
-from tests.support import ROOT, env, losses, summary
+from tests.support import ROOT, env, last_step, losses, summary
 
 EXAMPLES = ROOT / "examples"
 
@@ -94,26 +95,48 @@ def test_one_script_under_python_and_torchrun_takes_the_same_steps(tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_the_sbatch_script_trains_on_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+def test_the_sbatch_script_trains_on_two_nodes_and_resumes_after_preemption(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
     project = copy_example("slurm", tmp_path)
     # As its header says: options given to sbatch win over its #SBATCH lines; its arguments go to train.py.
+    # 4 epochs of 58 steps (1,844 samples to train on, 32 a step): long enough to be preempted mid-run.
     job = slurm_cluster.sbatch(
         "--nodes=2",
         "--ntasks-per-node=1",
         "--time=5",
         f"--export=ALL,PYTHON={sys.executable},PYTHONPATH={ROOT}",
         "train.sbatch",
-        "--samples",
-        "512",
+        *("--samples", "2048", "--epochs", "4"),
         cwd=project,
     )
+    run_dir, log = project / f"runs/slurm-{job}", project / f"slurm-{job}.out"  # the run dir has the job id
+    deadline = time.monotonic() + 120
+    while last_step(run_dir) < 10:  # training, with the script's signal handlers in place
+        state = slurm_cluster.job_state(job)
+        assert state["JobState"] in ("PENDING", "RUNNING"), f"{state}\n{log.read_text()}"
+        assert time.monotonic() < deadline, "no step 10 in 120 s"
+        time.sleep(0.05)
+    # What `#SBATCH --signal=USR2@120` does 120 s before the time limit: USR2 to every task.
+    subprocess.run(["scancel", "--signal=USR2", job], env=slurm_cluster.env, check=True, timeout=30)
+    slurm_cluster.wait_until(
+        job, lambda s: s.get("Restarts") == "1" and s.get("JobState") == "PENDING", 60, "requeued"
+    )
+    slurm_cluster.release(job)
     state = slurm_cluster.wait_job(job, timeout=180)
-    log = (project / f"slurm-{job}.out").read_text()
-    assert state["JobState"] == "COMPLETED", f"{state}\n{log}\n{slurm_cluster.logs()}"
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED", f"{state}\n{text}\n{slurm_cluster.logs()}"
     assert state["NodeList"] == "n[1-2]"
-    result = summary(project / f"runs/slurm-{job}")  # the run dir carries the job id
-    assert (result["world_size"], result["steps"], result["stopped"]) == (2, 45, "max_epochs")
-    assert f"done: 45 steps on 2 processes, {result['params_sha256']}" in log, log
+    stopped = re.search(r"stopped by signal SIGUSR2 at step (\d+): requeued", text)
+    assert stopped and 10 <= int(stopped.group(1)) < 232, text
+    assert f"resumed from runs/slurm-{job}/snapshots/step_{int(stopped.group(1)):08d}" in text, text
+    # The requeued attempt (appended to the same log) continued where the first stopped: every step
+    # logged once, and the run complete on two ranks.
+    assert "restart 1" in text
+    assert [step for step, _ in losses(run_dir)] == list(range(1, 233))
+    result = summary(run_dir)
+    assert (result["world_size"], result["steps"], result["stopped"]) == (2, 232, "max_epochs")
+    assert f"done: 232 steps on 2 processes, {result['params_sha256']}" in text
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ job, and the requeued job, with the same job id and so the same run dir, resumes
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -39,6 +40,10 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--samples", type=int, default=2048)
     args = parser.parse_args()
+    # disttrain logs what it decides (a resume, and from which snapshot) at INFO: said once, by rank 0.
+    logging.basicConfig(format="%(name)s: %(message)s")
+    rank0 = os.environ.get("SLURM_PROCID", "0") == "0"
+    logging.getLogger("disttrain").setLevel(logging.INFO if rank0 else logging.WARNING)
 
     disttrain.seed_everything(0)  # before the model is built: every rank starts from the same weights
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
