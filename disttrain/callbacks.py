@@ -75,7 +75,7 @@ class RunView:
 
     `model` is your module (unwrapped: its state_dict keys are yours; under FSDP its parameters are
     DTensor shards), `optimizer` the one the Trainer steps. `metrics` holds the latest loss, validation
-    loss and best validation loss."""
+    loss, best validation loss and gradient norm."""
 
     def __init__(self, trainer: Any) -> None:
         self._trainer = trainer
@@ -119,8 +119,15 @@ class RunView:
 
     @property
     def metrics(self) -> dict[str, float]:
+        """The latest loss (a step's, once the ranks have summed it), validation loss, best validation
+        loss, and the gradient norm of the latest step (before clipping)."""
         c = self._trainer.counters
-        return {"loss": c.last_loss, "val_loss": c.last_val_loss, "best_val_loss": c.best_val_loss}
+        return {
+            "loss": c.last_loss,
+            "val_loss": c.last_val_loss,
+            "best_val_loss": c.best_val_loss,
+            "grad_norm": self._trainer.grad_norm,
+        }
 
     def request_stop(self, reason: str = "") -> None:
         """Stop the run at a step boundary soon (every rank at the same step), with a snapshot."""

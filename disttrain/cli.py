@@ -51,7 +51,7 @@ def _parse(args: Sequence[str]) -> argparse.Namespace:
 def run(cfg: Any, overrides: Sequence[str] = ()) -> int:
     """Run the job a composed config describes, as the command line does: where `launcher=` says, or as
     one rank when this process was started by torchrun or srun. `cfg` is a TrainConfig, a plain dict or
-    the DictConfig a user's own `@hydra.main` app receives (see the README). Returns the exit code."""
+    the DictConfig a user's own `@hydra.main` app receives (docs/configuration.md). Returns the exit code."""
     from disttrain.config import register_resolvers
     from disttrain.dist import placement
 

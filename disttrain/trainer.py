@@ -341,6 +341,8 @@ class Trainer:
         self._stop_reason = ""
         self._snapshot_step: int | None = None  # of the newest snapshot saved or loaded, on every rank
         self._spare: Any = None  # this rank's latest micro-batch, the stuff of a filler (_filler)
+        #: The latest step's gradient norm, before clipping (callbacks read it: RunView.metrics).
+        self.grad_norm = math.nan
         seed_everything(t.seed + self.env.rank)
 
     def _wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, nn.Module]:
@@ -701,6 +703,7 @@ class Trainer:
         """The optimizer step, if the gradients allow it, then zero_grad and the learning rate schedule.
         Gradients are identical on every rank after the all-reduce, so every rank decides alike:
         non-finite gradients, and explosions under health.on_explosion=skip, skip the step."""
+        self.grad_norm = norm_value
         if self._on_before_optimizer_step:
             self.callbacks.fire("on_before_optimizer_step", self.run_view)
         verdict = self.health.judge(norm_value, self.counters, step=self.counters.step + 1)
