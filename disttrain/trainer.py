@@ -21,7 +21,7 @@ import random
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -68,7 +68,7 @@ from disttrain.step import (
     take,
     to_device,
 )
-from disttrain.strategy import compiler_missing, make_strategy
+from disttrain.strategy import FSDPStrategy, compiler_missing, make_strategy
 
 log = logging.getLogger("disttrain")
 # The schedule advances with every optimizer step, applied or skipped (non-finite gradients): torch
@@ -86,7 +86,7 @@ COMPILE_CHECK_STEPS = 5
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            model.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
         )
     return torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -159,7 +159,9 @@ class Counters:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from, as tensors and plain data (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state()
+    assert isinstance(state, tuple)  # np.random's global generator is an MT19937: its legacy state is a tuple
+    _, keys, pos, has_gauss, gauss = state
     return {
         "python": random.getstate(),
         "numpy": {
@@ -582,10 +584,11 @@ class Trainer:
             window_items = float(total * world)
             loss_sum, loss_over = sum(map(operator.mul, micro_losses, samples)) / total, float(world)
         verdict = self._optimizer_step(norm_value, window_items)
+        reported: float | None = window_items
         if not counted:
             targets = self._targets(window)
-            window_items = None if targets is None else targets * world
-        return StepResult(loss_sum, loss_over, norm_value, verdict, flow, total, window_items)
+            reported = None if targets is None else targets * world
+        return StepResult(loss_sum, loss_over, norm_value, verdict, flow, total, reported)
 
     def _one_batch_step(self, batch: Any) -> StepResult:
         """The window of one micro-batch in one process (fp32, bf16): its mean loss is the window's, so
@@ -746,7 +749,9 @@ class Trainer:
             return
         self._log_summed_losses()  # the step lines before this validation's line
         c, world, device = self.counters, self.env.world_size, self.env.device
-        n_real = len(self.val_loader.dataset)  # type: ignore[arg-type]
+        val_split = self.val_loader.dataset
+        assert isinstance(val_split, Sized)  # training_splits refused a split without len()
+        n_real = len(val_split)
         batch_size = self.cfg.trainer.batch_size
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss × items, items
         means = ItemMeans()
@@ -836,6 +841,7 @@ class Trainer:
         return snap
 
     def _write_shards(self, path: Path) -> None:
+        assert isinstance(self.strategy, FSDPStrategy)  # the one strategy that shards parameters
         self.strategy.sync_buffers()  # rank 0's buffers, as every rank's next synchronised forward has
         sharded.save(self.model, self.optimizer, path)
 
