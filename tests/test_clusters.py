@@ -11,6 +11,7 @@ import pytest
 
 from tests.clusters.netns import TwoHosts
 from tests.clusters.slurm import SlurmCluster
+from tests.support import require
 
 
 def _read(path: Path) -> str:
@@ -137,8 +138,6 @@ def test_netns_two_hosts_talk(two_hosts: TwoHosts) -> None:
 
 
 def test_require_fails_in_ci_and_skips_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.conftest import require
-
     require(None)  # available: no effect, in CI or not
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI"):

@@ -14,13 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.clusters.slurm import SlurmCluster
-from tests.support import ROOT, crash_once_at, disttrain, last_step, summary
-from tests.test_launch import JOB, done_lines, reference_sha256
-
-
-@pytest.fixture
-def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return reference_sha256(tmp_path_factory)
+from tests.support import JOB, ROOT, crash_once_at, disttrain, done_lines, last_step, summary
 
 
 def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[str, str]:
@@ -46,7 +40,7 @@ def job_log(tmp_path: Path, job: str) -> str:
 
 @pytest.mark.parametrize(("nodes", "per_node"), [(1, 2), (2, 1)], ids=["1node-2procs", "2nodes-1proc"])
 def test_slurm_job_matches_the_local_run(
-    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str, nodes: int, per_node: int
+    slurm_cluster: SlurmCluster, tmp_path: Path, ddp_reference: str, nodes: int, per_node: int
 ) -> None:
     job, out = submit(
         slurm_cluster,
@@ -64,18 +58,18 @@ def test_slurm_job_matches_the_local_run(
     # The run dir carries the job id; one `done` line per node, all with the local run's parameters.
     run_dir = tmp_path / f"slurm-{job}"
     assert f"  run dir: {run_dir}" in out
-    assert done_lines(log) == {rank * per_node: reference for rank in range(nodes)}, log
-    assert summary(run_dir)["params_sha256"] == reference
+    assert done_lines(log) == {rank * per_node: ddp_reference for rank in range(nodes)}, log
+    assert summary(run_dir)["params_sha256"] == ddp_reference
     assert summary(run_dir)["world_size"] == 2
     assert (run_dir / "config.yaml").read_text().count(f"run_dir: {run_dir}\n") == 1
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_preempted_job_requeues_and_resumes(
-    slurm_cluster: SlurmCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, strategy: str
+    slurm_cluster: SlurmCluster, tmp_path: Path, request: pytest.FixtureRequest, strategy: str
 ) -> None:
     if strategy == "ddp":
-        reference = reference_sha256(tmp_path_factory)
+        reference = request.getfixturevalue("ddp_reference")
     else:  # FSDP's sharded snapshots (DCP) through the same requeue; its own uninterrupted local run
         local = disttrain(*JOB, "launcher=torchrun", "strategy=fsdp", f"run_dir={tmp_path / 'local'}")
         assert local.returncode == 0, local.stderr[-3000:]
@@ -134,7 +128,7 @@ def test_gpus_the_partition_lacks_are_refused(slurm_cluster: SlurmCluster, tmp_p
 
 
 def test_the_hand_written_sbatch_script_trains(
-    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str
+    slurm_cluster: SlurmCluster, tmp_path: Path, ddp_reference: str
 ) -> None:
     # As its header says: `sbatch [OPTIONS] slurm/train.sbatch [OVERRIDE ...]`; options beat #SBATCH lines.
     job = slurm_cluster.sbatch(
@@ -151,7 +145,7 @@ def test_the_hand_written_sbatch_script_trains(
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", f"{state}\n{log}\n{slurm_cluster.logs()}"
     assert state["NodeList"] == "n[1-2]"
-    assert summary(tmp_path / f"slurm-{job}")["params_sha256"] == reference
+    assert summary(tmp_path / f"slurm-{job}")["params_sha256"] == ddp_reference
 
 
 def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:

@@ -29,8 +29,7 @@ from disttrain.snapshot import (
     list_snapshots,
 )
 from scripts.fault_inject import inject
-from tests.conftest import require
-from tests.support import SMALL, disttrain, losses, summary, tree_hashes
+from tests.support import SMALL, disttrain, losses, require, summary, tree_hashes
 
 ONE_PROCESS = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 #: One epoch (225 steps), a snapshot every 50 steps and at the end, the 3 newest kept: 150, 200, 225.
