@@ -1,4 +1,5 @@
-"""Fixtures several test modules share."""
+"""Fixtures several test modules share, and the plugin that keeps the fast tier in-process
+(tests/tiers.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pytest
 from tests.clusters.netns import TwoHosts, netns_available
 from tests.clusters.slurm import SlurmCluster, slurm_available
 from tests.support import JOB, disttrain, require, summary
+
+pytest_plugins = ["tests.tiers", "pytester"]
+
 
 # ==== shared runs ====================================================================================
 

@@ -37,6 +37,7 @@ def pairs(stdout: str) -> list[tuple[str, str, float]]:
     return [(pair, approx, float(maxdiff)) for pair, approx, maxdiff in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [[], ["+step._target_=tests.lm.lm_step"]], ids=["model-loss", "user-step"])
 def test_padded_sequences_give_the_same_gradients_under_every_strategy(step) -> None:
     # 16 sequences of 0-12 real tokens: 1×16, 1×(4×4), DDP and FSDP 2×8 and 2×(2×4), and DataParallel
@@ -48,6 +49,7 @@ def test_padded_sequences_give_the_same_gradients_under_every_strategy(step) -> 
     assert "OK: all 21 pairs give the same gradients within 1e-06" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_step_that_averages_micro_batches_without_counts_is_a_mismatch() -> None:
     result = run_cli("check", *LM, "+step._target_=tests.lm.unweighted_step", "--samples", "16")
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
@@ -135,6 +137,7 @@ def leaves(batch) -> list[torch.Tensor]:
     return flat
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["tokens", "dicts", "subset-mid-epoch", "dataclasses"])
 def test_the_in_process_loader_yields_torchs_batches(source) -> None:
     # The Trainer's loader on the CPU without workers fetches in-process (make_loader): batch for batch
@@ -198,6 +201,7 @@ def test_a_model_that_takes_the_batch_and_returns_its_loss_trains(tmp_path) -> N
     assert result["steps"] == 18 and len(vals) == 3 and vals[-1] < vals[0]
 
 
+@pytest.mark.slow
 def test_a_step_reports_metrics_averaged_over_items_in_training_and_validation(tmp_path) -> None:
     out = tmp_path / "probe.json"
     result = torchrun(ROOT / "tests" / "scripts" / "items_probe.py", str(out))
@@ -234,6 +238,7 @@ BAD_STEPS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), BAD_STEPS, ids=[o[-1] for o, _ in BAD_STEPS])
 def test_bad_steps_and_batches_are_one_line(overrides, message, tmp_path) -> None:
     job = [*LM, "trainer.batch_size=4", "trainer.val_fraction=0", "trainer.max_steps=3"]
@@ -270,6 +275,7 @@ print(params_sha256(model))
 """
 
 
+@pytest.mark.slow
 def test_the_built_in_job_keeps_its_weights_bit_for_bit(tmp_path) -> None:
     run_dir = tmp_path / "trainer"
     result = run_cli(*SMALL, "trainer.max_epochs=1", f"run_dir={run_dir}")
@@ -298,6 +304,7 @@ README_EXAMPLE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_python_example_is_reproducible(tmp_path) -> None:
     shas = []
     for name in ("a", "b"):

@@ -18,6 +18,7 @@ def _read(path: Path) -> str:
     return path.read_text() if path.exists() else f"({path} missing)"
 
 
+@pytest.mark.slow
 def test_slurm_one_node_two_tasks(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -40,6 +41,7 @@ def test_slurm_one_node_two_tasks(slurm_cluster: SlurmCluster, tmp_path: Path) -
     assert {p.read_text().split()[1] for p in out.iterdir()} == {node}
 
 
+@pytest.mark.slow
 def test_slurm_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -56,6 +58,7 @@ def test_slurm_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     assert {v[1] for v in seen.values()} == {"n[1-2]"}
 
 
+@pytest.mark.slow
 def test_slurm_requeue_round_trip(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     done = tmp_path / "done"
     log = tmp_path / "job.log"
@@ -115,6 +118,7 @@ print(data.decode())
 """
 
 
+@pytest.mark.slow
 def test_netns_two_hosts_talk(two_hosts: TwoHosts) -> None:
     a, b = two_hosts.addr(0), two_hosts.addr(1)
     server = two_hosts.run(0, [sys.executable, "-c", _SERVER, a, "hello"], stdout=subprocess.PIPE, text=True)

@@ -16,6 +16,7 @@ from tests.clusters.netns import TwoHosts
 from tests.support import JOB, crash_once_at, disttrain, done_lines, env, summary
 
 
+@pytest.mark.slow
 def test_multinode_across_two_hosts(two_hosts: TwoHosts, tmp_path: Path, ddp_reference: str) -> None:
     run_dir = tmp_path / "run"
     endpoint = f"{two_hosts.addr(0)}:29400"
@@ -51,6 +52,7 @@ def test_multinode_across_two_hosts(two_hosts: TwoHosts, tmp_path: Path, ddp_ref
     assert summary(run_dir)["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_elastic_restart_resumes_after_a_crash(tmp_path: Path, ddp_reference: str) -> None:
     run_dir = tmp_path / "run"
     res = disttrain(
@@ -70,6 +72,7 @@ def test_elastic_restart_resumes_after_a_crash(tmp_path: Path, ddp_reference: st
     assert summary(run_dir)["steps"] == 226
 
 
+@pytest.mark.slow
 def test_a_crash_without_restarts_fails_the_job(tmp_path: Path) -> None:
     # The counterpart of the elastic test: the restart, not luck, is what saved that job.
     run_dir = tmp_path / "run"
@@ -217,6 +220,7 @@ srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 {sys.executable} -m torch.dist
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_requeue_without_scontrol_fails_loudly(tmp_path: Path) -> None:
     # What rank 0 does after a signal stopped the run inside a SLURM job whose PATH lacks scontrol.
     code = (

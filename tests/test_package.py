@@ -15,6 +15,8 @@ import pytest
 
 from tests.support import ROOT
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 #: The user's project: a package with a model and a dataset, and a config dir with a model, a dataset
 #: and an experiment that overrides built-in defaults (optim.lr, trainer.batch_size, name).
 USER_PROJECT = {

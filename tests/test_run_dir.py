@@ -29,6 +29,8 @@ from tests.support import (
     wait_for_step,
 )
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 #: 450 steps, a snapshot every 50 whose commit takes 0.3 s more: a few seconds of run to catch.
 JOB = [*SMALL, "snapshot.every_steps=50"]
 SLOW = {"DISTTRAIN_TEST_SLOW_WRITE": "0.3"}

@@ -16,6 +16,8 @@ import pytest
 from tests.clusters.slurm import SlurmCluster
 from tests.support import JOB, ROOT, crash_once_at, disttrain, done_lines, last_step, summary
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[str, str]:
     """`disttrain launcher=slurm ...` as a user on the login node runs it; returns (job id, its output)."""

@@ -17,6 +17,8 @@ from disttrain.snapshot import Snapshot, list_snapshots
 from tests.support import JOB as DDP_JOB
 from tests.support import SMALL, disttrain, gone, losses, start, summary, wait_for_step
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 #: One epoch of 225 steps, a snapshot every 25.
 JOB = [*SMALL, "trainer.max_epochs=1", "snapshot.every_steps=25"]
 DDP = ["launcher=torchrun", "launcher.nproc_per_node=2"]
