@@ -1,5 +1,5 @@
-"""Fixtures several test modules share, and the plugin that keeps the fast tier in-process
-(tests/tiers.py)."""
+"""Fixtures several test modules share; the plugins that keep the fast tier in-process (tests/tiers.py)
+and the checkout clean after the suite (tests/checkout.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.clusters.netns import TwoHosts, netns_available
 from tests.clusters.slurm import SlurmCluster, slurm_available
 from tests.support import JOB, disttrain, require, summary
 
-pytest_plugins = ["tests.tiers", "pytester"]
+pytest_plugins = ["tests.tiers", "tests.checkout", "pytester"]
 
 
 # ==== shared runs ====================================================================================

@@ -63,6 +63,9 @@ def crash_once_at(step: int, marker: Path) -> list[str]:
 
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # This checkout's code whatever the cwd: a job started from tmp_path (a sweep, a SLURM job) would
+    # otherwise import the disttrain pip installed, which may be another checkout's (an editable install).
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     e.pop("WORLD_SIZE", None)
     e.pop("RANK", None)
     e.update(extra)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,18 +23,21 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[str, str]:
     """`disttrain launcher=slurm ...` as a user on the login node runs it; returns (job id, its output)."""
     res = disttrain(
-        *JOB,
-        "launcher=slurm",
-        f"run_dir={tmp_path}/${{run_id:}}",
-        *overrides,
-        SLURM_CONF=cluster.env["SLURM_CONF"],
-        PATH=cluster.env["PATH"],
+        *JOB, "launcher=slurm", f"run_dir={tmp_path}/${{run_id:}}", *overrides, **in_tmp(cluster, tmp_path)
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0, f"{out}\n{cluster.logs()}"
     match = re.search(r"^submitted SLURM job (\d+)$", res.stdout, re.M)
     assert match, out
     return match.group(1), out
+
+
+def in_tmp(cluster: SlurmCluster, tmp_path: Path) -> dict[str, Any]:
+    """disttrain()'s keywords for a submission from `tmp_path`: the job's working directory is the
+    submit directory, and anything SLURM writes there by default (`slurm-N.out`, a step's messages)
+    must land in a temporary directory, not in the checkout (env() keeps this checkout's code and
+    tests' models importable from there)."""
+    return {"cwd": tmp_path, "SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": cluster.env["PATH"]}
 
 
 def job_log(tmp_path: Path, job: str) -> str:
@@ -137,7 +141,7 @@ def test_the_hand_written_sbatch_script_trains(
         "--nodes=2",
         "--cpus-per-task=1",
         "--time=5",
-        f"--export=ALL,PYTHON={sys.executable}",
+        f"--export=ALL,PYTHON={sys.executable},PYTHONPATH={ROOT}",  # this checkout's code, from tmp_path
         str(ROOT / "slurm" / "train.sbatch"),
         *JOB,
         f"run_dir={tmp_path}/${{run_id:}}",
@@ -160,8 +164,7 @@ def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster,
         "launcher.time=00:05:00",
         "launcher.wait=true",
         f"run_dir={tmp_path}/${{run_id:}}",
-        SLURM_CONF=slurm_cluster.env["SLURM_CONF"],
-        PATH=slurm_cluster.env["PATH"],
+        **in_tmp(slurm_cluster, tmp_path),
     )
     job = re.search(r"^submitted SLURM job (\d+)$", res.stdout, re.M)
     assert job, res.stdout + res.stderr
