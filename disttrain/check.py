@@ -81,7 +81,7 @@ class GradientCapture:
         ]
 
 
-def capture_steps(cfg: TrainConfig, samples: list[Any], accumulate: int) -> list[dict[str, torch.Tensor]]:
+def capture_steps(cfg: TrainConfig, samples: Head, accumulate: int) -> list[dict[str, torch.Tensor]]:
     """fit() over `samples`: a whole step of `--samples` of them and the epoch's short last step of the
     rest, in micro-batches of --samples / (world × accumulate); the gradients and the reported loss of
     each step (on rank 0; [] elsewhere). The optimizer has a learning rate of zero, so both steps start

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from disttrain.compose import GROUPS, check_job, compose, group_options, write_run_files
-from disttrain.config import ConfigError, TrainConfig, load_config, to_yaml
+from disttrain.config import ConfigError, TrainConfig, load_config, plain_dict, to_yaml
 from disttrain.snapshot import SnapshotError
 
 
@@ -52,16 +52,10 @@ def run(cfg: Any, overrides: Sequence[str] = ()) -> int:
     """Run the job a composed config describes, as the command line does: where `launcher=` says, or as
     one rank when this process was started by torchrun or srun. `cfg` is a TrainConfig, a plain dict or
     the DictConfig a user's own `@hydra.main` app receives (docs/configuration.md). Returns the exit code."""
-    from disttrain.config import register_resolvers
     from disttrain.dist import placement
 
     if not isinstance(cfg, TrainConfig):
-        from omegaconf import DictConfig, OmegaConf
-
-        register_resolvers()
-        data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-        data = {k: v for k, v in data.items() if k != "hydra"}  # type: ignore[union-attr]
-        cfg = load_config(data)
+        cfg = load_config({k: v for k, v in plain_dict(cfg).items() if k != "hydra"})
     check_job(cfg)
     where = placement()
     if where.launched_by != "python":

@@ -22,6 +22,7 @@ from disttrain.config import (
     ConfigError,
     TrainConfig,
     omegaconf_error,
+    plain_dict,
     register_resolvers,
     resume_mismatch,
     unknown_key,
@@ -84,7 +85,6 @@ def compose(overrides: Sequence[str], config_dirs: Sequence[str | Path] = ()) ->
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     overrides = list(overrides)
@@ -99,7 +99,7 @@ def compose(overrides: Sequence[str], config_dirs: Sequence[str | Path] = ()) ->
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             composed = hydra_compose(PRIMARY, overrides=overrides)
-        return OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+        return plain_dict(composed, throw_on_missing=True)
     except HydraException as e:
         raise _composition_error(e, overrides, dirs) from None
     except MissingMandatoryValue as e:

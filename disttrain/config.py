@@ -381,6 +381,20 @@ def omegaconf_error(e: Exception, data: Any = None) -> ConfigError:
     return ConfigError(str(e).split("\n")[0])
 
 
+def plain_dict(cfg: Any, throw_on_missing: bool = False) -> dict[str, Any]:
+    """A config as plain dicts and lists: a DictConfig resolved (resolvers registered first), a dict as it
+    is. ConfigError for anything that is no mapping (a YAML file that holds a list, say)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        register_resolvers()
+        cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=throw_on_missing)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a config must be a mapping of keys to values, not a {type(cfg).__name__}")
+    # A config's keys are names (to_container's type allows any DictConfig key: ints, enums...).
+    return typing.cast(dict[str, Any], cfg)
+
+
 def load_config(data: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a plain dict (a composed or frozen config): types are checked and converted by
     OmegaConf against the schema; unknown keys and wrong types fail in one line."""
@@ -389,8 +403,9 @@ def load_config(data: dict[str, Any]) -> TrainConfig:
 
     register_resolvers()  # run_dir's default holds ${run_id:}
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), data)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), data))
+        assert isinstance(cfg, TrainConfig)  # to_object of a structured config: its dataclass
+        return cfg
     except OmegaConfBaseException as e:
         raise omegaconf_error(e, data) from None
 
@@ -630,12 +645,13 @@ def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig, world_size: int) ->
     saved_cfg = saved.get("config", {})
     before_world = int(saved.get("world_size", world_size))
     saved_trainer = load_config({"trainer": saved_cfg.get("trainer", {})}).trainer
-    before, after = global_batch(saved_trainer, before_world), global_batch(cfg.trainer, world_size)
-    if before != after:
+    batch_then, batch_now = global_batch(saved_trainer, before_world), global_batch(cfg.trainer, world_size)
+    if batch_then != batch_now:
         then, now_shape = _batch_shape(saved_trainer, before_world), _batch_shape(cfg.trainer, world_size)
         return (
-            f"its optimizer steps took {before} samples ({then}) and this job's take {after} ({now_shape}); "
-            f"set trainer.global_batch_size={before} to keep the global batch on {_processes(world_size)}"
+            f"its optimizer steps took {batch_then} samples ({then}) and this job's take {batch_now} "
+            f"({now_shape}); set trainer.global_batch_size={batch_then} to keep the global batch on "
+            f"{_processes(world_size)}"
         )
     for key in RESUME_KEYS:
         if key in ("model", "data", "step") and not now[key]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
@@ -293,9 +293,9 @@ def training_splits(
         raise ConfigError("val_dataset: has no samples")
     accumulate = accumulate_for(trainer, world_size)
     step = world_size * trainer.batch_size * accumulate
-    if len(dataset) < step:  # type: ignore[arg-type]
+    if (n_train := _length("data", dataset)) < step:
         raise ConfigError(
-            f"data: the training split has {len(dataset)} samples, fewer than one optimizer step takes "  # type: ignore[arg-type]
+            f"data: the training split has {n_train} samples, fewer than one optimizer step takes "
             f"({world_size} process{'es' if world_size > 1 else ''} × trainer.batch_size "
             f"{trainer.batch_size} × trainer.accumulate {accumulate} = {step})"
         )
@@ -313,13 +313,12 @@ def one_sample_micro_batches(n: int, trainer: TrainerConfig, world_size: int) ->
 
 
 def _length(key: str, dataset: Dataset) -> int:
-    try:
-        return len(dataset)  # type: ignore[arg-type]
-    except TypeError:
+    if not isinstance(dataset, Sized):
         raise ConfigError(
             f"{key}: {type(dataset).__name__} has no len(); the Trainer needs a map-style dataset "
             "(__len__ and __getitem__)"
-        ) from None
+        )
+    return len(dataset)
 
 
 class InProcessLoader:
@@ -339,7 +338,7 @@ class InProcessLoader:
     def __init__(
         self,
         dataset: Dataset,
-        sampler: Sampler,
+        sampler: EpochSampler,
         batch_size: int,
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
@@ -347,7 +346,7 @@ class InProcessLoader:
         self.collate_fn = collate_fn or default_collate
 
     def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)  # type: ignore[arg-type]
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         fetch = getattr(self.dataset, "__getitems__", None)
@@ -358,7 +357,7 @@ class InProcessLoader:
 
 def make_loader(
     dataset: Dataset,
-    sampler: Sampler,
+    sampler: EpochSampler,
     batch_size: int,
     num_workers: int,
     pin: bool,

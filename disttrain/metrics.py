@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -105,7 +106,7 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
-        self._file: Any = None
+        self._file: io.FileIO | None = None
         self._records: list[dict[str, Any]] = []
         self._flush_at = 0.0
 
@@ -154,8 +155,9 @@ class MetricsLog:
         dropped by the next resume), the rest is given up, in one line, once."""
         file, self._file = self._file, None
         self._records.clear()
-        with contextlib.suppress(OSError):
-            file.close()  # type: ignore[union-attr]
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
         raise RunFileError(f"{self.path}: not written ({os_reason(e)})") from None
 
 

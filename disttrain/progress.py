@@ -115,6 +115,7 @@ class WandbRun:
             atomic_write(id_file, lambda f: f.write(run_id.encode()))
         self.run = wandb.init(
             project=cfg.project,
+            # A str checked against WANDB_MODES: OmegaConf's schemas cannot hold the Literal wandb wants.
             mode=cfg.mode,  # type: ignore[arg-type]
             id=run_id,
             resume="allow",

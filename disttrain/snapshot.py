@@ -28,6 +28,7 @@ Rules:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -225,7 +226,10 @@ class Snapshot:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.step: int = _step_of(path)  # type: ignore[assignment] # list_snapshots keeps numbered ones
+        step = _step_of(path)
+        if step is None:  # list_snapshots keeps numbered ones: only a caller's own path can get here
+            raise ValueError(f"{path}: not a snapshot directory (step_NNNNNNNN)")
+        self.step = step
         self._manifest: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
@@ -446,12 +450,13 @@ class SnapshotStore:
         final = self.dir / step_dir_name(step)
         staging = self.dir / f".{final.name}{PARTIAL}"
         shared_file = self.dir / f".{final.name}.shared{PARTIAL}"
-        sharded_dir = self.dir / f".{final.name}.{DCP_DIR}{PARTIAL}" if write_sharded is not None else None
         owns = self._gather_to_main(own)
         message = None
         failure = self._finish_commit() if self.env.is_main else None
-        if sharded_dir is not None:
-            failure = self._write_shards(write_sharded, sharded_dir, final.name, failure)  # type: ignore[arg-type]
+        sharded_dir: Path | None = None
+        if write_sharded is not None:
+            sharded_dir = self.dir / f".{final.name}.{DCP_DIR}{PARTIAL}"
+            failure = self._write_shards(write_sharded, sharded_dir, final.name, failure)
         if self.env.is_main:
             # (snapshot name, why) of the previous snapshot's commit, else of this write.
             if failure is None:
@@ -564,7 +569,7 @@ class SnapshotStore:
                 fsync_dir(staging / DCP_DIR)
             for rank, own in enumerate(owns):
                 files[rank_file(rank)] = write_file(
-                    staging / rank_file(rank), lambda f, o=own: torch.save(o, f)
+                    staging / rank_file(rank), functools.partial(torch.save, own)
                 )
             _slow_write_for_tests()
             self._commit(staging, final, manifest)

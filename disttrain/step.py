@@ -175,7 +175,10 @@ def _shifts_labels(model: nn.Module) -> bool:
         return False
     from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
-    loss = getattr(model, "_loss_function", None) or LOSS_MAPPING.get(model.loss_type, ForCausalLMLoss)
+    # None names no loss: transformers then uses ForCausalLM's. (getattr, not `model.loss_type`, which
+    # nn.Module's __getattr__ types as a tensor or a submodule.)
+    loss_type = getattr(model, "loss_type", None) or "ForCausalLM"
+    loss = getattr(model, "_loss_function", None) or LOSS_MAPPING.get(loss_type, ForCausalLMLoss)
     config = getattr(model, "config", None)
     return loss is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False)
 

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,9 @@ from torch.utils.data import Dataset
 from disttrain.config import ConfigError, StrategyConfig
 from disttrain.data import EpochSampler
 from disttrain.dist import DistEnv
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 log = logging.getLogger("disttrain")
 
@@ -87,6 +90,7 @@ class DDPStrategy(Strategy):
         return model.module if isinstance(model, DistributedDataParallel) else model
 
     def no_sync(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        assert isinstance(model, DistributedDataParallel), "no_sync takes the model wrap returned"
         return model.no_sync()
 
 
@@ -124,7 +128,7 @@ class FSDPStrategy(Strategy):
 
     def __init__(self, env: DistEnv, cfg: StrategyConfig | None = None, precision: str = "fp32") -> None:
         super().__init__(env, cfg, precision)
-        self._blocks: list[nn.Module] = []
+        self._blocks: list[FSDPModule] = []
         self._buffers: list[torch.Tensor] = []
         self._syncing = True  # False inside no_sync: the micro-steps before the window's last
 
@@ -135,17 +139,20 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         dtype = _AUTOCAST.get(self.precision)
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-        self._blocks = find_blocks(model, self.cfg.fsdp_blocks)
-        for block in self._blocks:
+        self._blocks = [
             fully_shard(
                 block, mesh=mesh, reshard_after_forward=self.cfg.reshard_after_forward, mp_policy=policy
             )
-        root = fully_shard(model, mesh=mesh, mp_policy=policy)  # the root: FSDP keeps it gathered
-        persistent = set(root.state_dict())
-        self._buffers = [b for name, b in root.named_buffers() if name in persistent]
+            for block in find_blocks(model, self.cfg.fsdp_blocks)
+        ]
+        # The root, which FSDP keeps gathered. fully_shard changes the module's class in place and returns
+        # it: `model` is now both the nn.Module and the FSDPModule.
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        persistent = set(model.state_dict())
+        self._buffers = [b for name, b in model.named_buffers() if name in persistent]
         if self._buffers:
-            root.register_forward_pre_hook(self._sync_before_forward)
-        return root
+            model.register_forward_pre_hook(self._sync_before_forward)
+        return model
 
     def sync_buffers(self) -> None:
         """Every rank gets rank 0's buffers (BatchNorm's running statistics): FSDP shards parameters
@@ -161,6 +168,9 @@ class FSDPStrategy(Strategy):
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:
+        from torch.distributed.fsdp import FSDPModule
+
+        assert isinstance(model, FSDPModule), "no_sync takes the model wrap returned"
         self._syncing = False
         model.set_requires_gradient_sync(False)
         model.set_reshard_after_backward(False)
@@ -184,7 +194,7 @@ class FSDPStrategy(Strategy):
         return ShardedGradScaler(self.env.device.type, enabled=self.precision == "fp16")
 
 
-def _is_layer_list(module: nn.Module) -> bool:
+def _is_layer_list(module: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:
     """A list of a model's layers: an nn.ModuleList, or an nn.Sequential of 2+ modules of one class."""
     if isinstance(module, nn.ModuleList):
         return True

@@ -55,6 +55,7 @@ def combinations(overrides: Sequence[str]) -> list[tuple[list[str], list[str]]]:
                 key = o.get_key_element()
                 axes.append([(f"{key}={v}", True) for v in o.sweep_string_iterator()])
             else:
+                assert o.input_line is not None  # the parser keeps the text of every override it parsed
                 axes.append([(o.input_line, False)])
     except HydraException as e:
         raise ConfigError(f"sweep: {str(e).splitlines()[0]}") from None

@@ -20,7 +20,7 @@ import random
 import signal
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -68,7 +68,7 @@ from disttrain.step import (
     take,
     to_device,
 )
-from disttrain.strategy import compiler_missing, make_strategy
+from disttrain.strategy import FSDPStrategy, compiler_missing, make_strategy
 
 log = logging.getLogger("disttrain")
 # The schedule advances with every optimizer step, applied or skipped (non-finite gradients): torch
@@ -86,7 +86,7 @@ COMPILE_CHECK_STEPS = 5
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+            model.parameters(), lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay
         )
     return torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -172,7 +172,9 @@ class Counters:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG this process draws from, as tensors and plain data (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state()
+    assert isinstance(state, tuple)  # np.random's global generator is an MT19937: its legacy state is a tuple
+    _, keys, pos, has_gauss, gauss = state
     return {
         "python": random.getstate(),
         "numpy": {
@@ -624,11 +626,13 @@ class Trainer:
             # Forward too must run inside no_sync: DDP decides in forward whether backward all-reduces.
             with NO_CONTEXT if final else self.strategy.no_sync(self.model):
                 out = self._run_step(batch)
-                batch_items = out.items if samples[i] else 0  # (a filler counts none)
-                if out.items is None:  # samples (no multiply for the whole window: 12 us of a small step)
+                batch_items = out.items
+                if batch_items is None:  # samples (no multiply for the whole window: 12 us of a small step)
                     weight = samples[i] * world / size
                     loss = out.loss * weight if weight != 1 else out.loss
                 else:
+                    if not samples[i]:  # a filler counts no items
+                        batch_items = 0
                     loss = out.loss if whole else out.loss * batch_items
                     counted += 1
                 (self.scaler.scale(loss) if self.fp16 else loss).backward()
@@ -665,7 +669,7 @@ class Trainer:
         if window:
             return window[-1]
         if self._spare is None:
-            first = [self.loader.dataset[i] for i in range(self.cfg.trainer.batch_size)]  # type: ignore[index]
+            first = [self.loader.dataset[i] for i in range(self.cfg.trainer.batch_size)]
             self._spare = self.loader.collate_fn(first)
         return self._spare
 
@@ -832,7 +836,9 @@ class Trainer:
             return
         self._log_summed_losses()  # the step lines before this validation's line
         c, world, device = self.counters, self.env.world_size, self.env.device
-        n_real = len(self.val_loader.dataset)  # type: ignore[arg-type]
+        val_split = self.val_loader.dataset
+        assert isinstance(val_split, Sized)  # training_splits refused a split without len()
+        n_real = len(val_split)
         batch_size = self.cfg.trainer.batch_size
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss × items, items
         means = ItemMeans()
@@ -927,6 +933,7 @@ class Trainer:
         return snap
 
     def _write_shards(self, path: Path) -> None:
+        assert isinstance(self.strategy, FSDPStrategy)  # the one strategy that shards parameters
         self.strategy.sync_buffers()  # rank 0's buffers, as every rank's next synchronised forward has
         sharded.save(self.model, self.optimizer, path)
 

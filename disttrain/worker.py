@@ -31,7 +31,7 @@ from disttrain.config import (
     TrainConfig,
     describe_exception,
     load_config,
-    register_resolvers,
+    plain_dict,
     to_dict,
 )
 from disttrain.data import one_sample_micro_batches, training_splits
@@ -54,8 +54,7 @@ LAUNCHER_PID_ENV = "DISTTRAIN_LAUNCHER_PID"
 
 def read_config(path: Path) -> TrainConfig:
     """Load a frozen config; interpolations left in it (a SLURM run's `${run_id:}`) resolve here."""
-    register_resolvers()
-    return load_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True))  # type: ignore[arg-type]
+    return load_config(plain_dict(OmegaConf.load(path)))
 
 
 class BuildError(RuntimeError):

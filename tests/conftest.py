@@ -1,25 +1,35 @@
+"""Fixtures several test modules share; the plugins that keep the fast tier in-process (tests/tiers.py)
+and the checkout clean after the suite (tests/checkout.py)."""
+
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.clusters.netns import TwoHosts, netns_available
 from tests.clusters.slurm import SlurmCluster, slurm_available
+from tests.support import JOB, disttrain, require, summary
+
+pytest_plugins = ["tests.tiers", "tests.checkout", "pytester"]
+
+
+# ==== shared runs ====================================================================================
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """params_sha256 of JOB on one node with 2 torchrun processes: what every other launch of JOB
+    (multinode, elastic restart, SLURM, a signal and a resume) must end on. One run for the session."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    res = disttrain(*JOB, "launcher=torchrun", "launcher.nproc_per_node=2", f"run_dir={run_dir}")
+    assert res.returncode == 0, res.stdout + res.stderr
+    return summary(run_dir)["params_sha256"]
+
 
 # ==== real-cluster fixtures (tests/clusters): SLURM and network namespaces ===========================
-# Project rule: a test that needs a service FAILS when CI=true and the service is missing (CI must
-# provide it), and may only skip outside CI.
-
-
-def require(reason: str | None) -> None:
-    """Do nothing if reason is None; else fail under CI=true, or skip with a hint elsewhere."""
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{reason} (CI=true: CI must provide this service)", pytrace=False)
-    pytest.skip(f"{reason} (skipped outside CI; CI=true makes this a failure)")
+# They need a service; `require` fails under CI=true when it is missing (CI must provide it), and may
+# only skip outside CI.
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,7 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def require(reason: str | None) -> None:
+    """Do nothing if reason is None; else fail under CI=true, or skip with a hint elsewhere.
+
+    Project rule: a test that needs a service (SLURM, network namespaces, a mount) FAILS when CI=true
+    and the service is missing (CI must provide it), and may only skip outside CI."""
+    if reason is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: CI must provide this service)", pytrace=False)
+    pytest.skip(f"{reason} (skipped outside CI; CI=true makes this a failure)")
+
 
 #: A small job: 3,996 samples of the generated corpus, ~225 steps an epoch at batch 16. One intra-op
 #: thread everywhere, so runs launched differently compute bit for bit the same floats.
@@ -23,6 +39,16 @@ SMALL = [
     "trainer.max_epochs=2",
     "trainer.num_threads=1",
 ]
+
+
+#: The job every launch test runs (226 steps at world size 2), snapshots every 50 steps; the `reference`
+#: fixture (conftest.py) is its parameters on one node with 2 torchrun processes.
+JOB = [*SMALL, "snapshot.every_steps=50"]
+
+
+def done_lines(output: str) -> dict[int, str]:
+    """rank -> params_sha256 from the workers' `rank R done: ... params_sha256 X` lines (one per node)."""
+    return {int(r): sha for r, sha in re.findall(r"rank (\d+) done: \d+ steps, params_sha256 (\w+)", output)}
 
 
 def crash_once_at(step: int, marker: Path) -> list[str]:
@@ -37,6 +63,9 @@ def crash_once_at(step: int, marker: Path) -> list[str]:
 
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # This checkout's code whatever the cwd: a job started from tmp_path (a sweep, a SLURM job) would
+    # otherwise import the disttrain pip installed, which may be another checkout's (an editable install).
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     e.pop("WORLD_SIZE", None)
     e.pop("RANK", None)
     e.update(extra)
@@ -189,3 +218,18 @@ def torchrun(
         text=True,
         timeout=timeout,
     )
+
+
+def python_api_fit(run_dir: Path) -> None:
+    """The Python API on the small job: what a user's own script (or each rank of it under torchrun) runs."""
+    import torch
+
+    from disttrain import TrainConfig, Trainer
+    from disttrain.data import TokenCorpus
+    from disttrain.models import MLPLanguageModel
+
+    cfg = TrainConfig(run_dir=str(run_dir))
+    cfg.trainer.batch_size, cfg.trainer.num_threads = 16, 1
+    model = MLPLanguageModel(vocab_size=50)
+    data = TokenCorpus(vocab_size=50, num_tokens=4000)
+    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, cfg).fit()

@@ -37,6 +37,7 @@ def pairs(stdout: str) -> list[tuple[str, str, float]]:
     return [(pair, approx, float(maxdiff)) for pair, approx, maxdiff in rows]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [[], ["+step._target_=tests.lm.lm_step"]], ids=["model-loss", "user-step"])
 def test_padded_sequences_give_the_same_gradients_under_every_strategy(step) -> None:
     # 16 sequences of 0-12 real tokens: 1×16, 1×(4×4), DDP and FSDP 2×8 and 2×(2×4), and DataParallel
@@ -48,6 +49,7 @@ def test_padded_sequences_give_the_same_gradients_under_every_strategy(step) -> 
     assert "OK: all 42 pairs give the same gradients within 1e-06" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_step_that_averages_micro_batches_without_counts_is_a_mismatch() -> None:
     result = run_cli("check", *LM, "+step._target_=tests.lm.unweighted_step", "--samples", "16")
     assert result.returncode == 1, result.stdout + result.stderr[-3000:]
@@ -135,8 +137,12 @@ def leaves(batch) -> list[torch.Tensor]:
     return flat
 
 
+# With workers a loader starts a process: that case is in the slow tier, the in-process one in the fast.
+@pytest.mark.parametrize(
+    "workers", [0, pytest.param(1, marks=pytest.mark.slow)], ids=["in-process", "workers"]
+)
 @pytest.mark.parametrize("source", ["tokens", "dicts", "subset-mid-epoch", "dataclasses"])
-def test_the_in_process_loader_yields_torchs_batches(source) -> None:
+def test_the_in_process_loader_yields_torchs_batches(source, workers) -> None:
     # The Trainer's loader on the CPU without workers fetches in-process (make_loader): batch for batch
     # what torch's DataLoader gives over the same sampler, and with workers (StatefulDataLoader, whose
     # workers collate into shared memory) the same again. Three of the four end on a short batch.
@@ -150,21 +156,19 @@ def test_the_in_process_loader_yields_torchs_batches(source) -> None:
     batches = {}
     for name, loader_of in {
         "torch": lambda s: DataLoader(data, batch_size=4, sampler=s, collate_fn=collate_fn),
-        "make_loader": lambda s: make_loader(data, s, 4, 0, False, collate_fn),
-        "workers": lambda s: make_loader(data, s, 4, 1, False, collate_fn),
+        "make_loader": lambda s: make_loader(data, s, 4, workers, False, collate_fn),
     }.items():
         sampler = EpochSampler(data, num_replicas=2, rank=1, shuffle=True, seed=3)
         sampler.set_epoch(5, start=start)
         loader = loader_of(sampler)
         batches[name] = [leaves(b) for b in loader]
         assert len(loader) == math.ceil(len(sampler) / 4) == len(batches[name])
-    assert isinstance(make_loader(data, sampler, 4, 0, False), InProcessLoader)
+    assert isinstance(make_loader(data, sampler, 4, workers, False), InProcessLoader) == (workers == 0)
     assert len(batches["torch"]) > 1
-    for name in ("make_loader", "workers"):
-        assert len(batches[name]) == len(batches["torch"])
-        for mine, theirs in zip(batches[name], batches["torch"], strict=True):
-            assert len(mine) == len(theirs)
-            assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+    assert len(batches["make_loader"]) == len(batches["torch"])
+    for mine, theirs in zip(batches["make_loader"], batches["torch"], strict=True):
+        assert len(mine) == len(theirs)
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
 class DataclassData(Dataset):
@@ -198,6 +202,7 @@ def test_a_model_that_takes_the_batch_and_returns_its_loss_trains(tmp_path) -> N
     assert result["steps"] == 18 and len(vals) == 3 and vals[-1] < vals[0]
 
 
+@pytest.mark.slow
 def test_a_step_reports_metrics_averaged_over_items_in_training_and_validation(tmp_path) -> None:
     out = tmp_path / "probe.json"
     result = torchrun(ROOT / "tests" / "scripts" / "items_probe.py", str(out))
@@ -234,6 +239,7 @@ BAD_STEPS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), BAD_STEPS, ids=[o[-1] for o, _ in BAD_STEPS])
 def test_bad_steps_and_batches_are_one_line(overrides, message, tmp_path) -> None:
     job = [*LM, "trainer.batch_size=4", "trainer.val_fraction=0", "trainer.max_steps=3"]
@@ -270,6 +276,7 @@ print(params_sha256(model))
 """
 
 
+@pytest.mark.slow
 def test_the_built_in_job_keeps_its_weights_bit_for_bit(tmp_path) -> None:
     run_dir = tmp_path / "trainer"
     result = run_cli(*SMALL, "trainer.max_epochs=1", f"run_dir={run_dir}")
@@ -298,6 +305,7 @@ README_EXAMPLE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_the_python_example_is_reproducible(tmp_path) -> None:
     shas = []
     for name in ("a", "b"):

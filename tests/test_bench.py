@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from disttrain.data import TokenCorpus
@@ -15,6 +16,7 @@ from disttrain.models import CharGPT
 from tests.support import disttrain, losses, run_script, summary
 
 
+@pytest.mark.slow
 def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = run_script("bench.py", "--quick", "--json", str(out))
@@ -81,6 +83,7 @@ def test_sequence_samples_are_the_input_shifted_by_one() -> None:
     assert len(data) == len(TokenCorpus(vocab_size=50, num_tokens=200, context=8))
 
 
+@pytest.mark.slow
 def test_gpt_trains_through_the_cli(tmp_path: Path) -> None:
     run_dir = tmp_path / "gpt"
     proc = disttrain(

@@ -8,7 +8,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from tests.support import run_script
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def test_bench_fsdp_quick_prints_every_row_and_fsdp_holds_less_per_rank(tmp_path: Path) -> None:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tests.support import disttrain
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 SMALL_CHECK = ["data.num_tokens=2000", "data.vocab_size=50"]
 

@@ -60,6 +60,7 @@ def test_bad_input_is_one_line(overrides: list[str], message: str, tmp_path, cap
     assert err == f"disttrain: error: {message}\n"
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_shell_leaves_snapshots_untouched(tmp_path) -> None:
     run_dir = tmp_path / "run"
     first = disttrain(*SMALL, "trainer.max_epochs=1", f"run_dir={run_dir}")
@@ -79,6 +80,7 @@ def test_bad_input_from_the_shell_leaves_snapshots_untouched(tmp_path) -> None:
     assert summary(run_dir)["steps"] == 225
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["model", "data"])
 def test_a_target_that_raises_when_built_is_one_line(tmp_path, key) -> None:
     """It imported and took its arguments, so the config was fine as far as the checks can tell: the job

@@ -11,12 +11,14 @@ import pytest
 
 from tests.clusters.netns import TwoHosts
 from tests.clusters.slurm import SlurmCluster
+from tests.support import require
 
 
 def _read(path: Path) -> str:
     return path.read_text() if path.exists() else f"({path} missing)"
 
 
+@pytest.mark.slow
 def test_slurm_one_node_two_tasks(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -39,6 +41,7 @@ def test_slurm_one_node_two_tasks(slurm_cluster: SlurmCluster, tmp_path: Path) -
     assert {p.read_text().split()[1] for p in out.iterdir()} == {node}
 
 
+@pytest.mark.slow
 def test_slurm_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -55,6 +58,7 @@ def test_slurm_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     assert {v[1] for v in seen.values()} == {"n[1-2]"}
 
 
+@pytest.mark.slow
 def test_slurm_requeue_round_trip(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     done = tmp_path / "done"
     log = tmp_path / "job.log"
@@ -114,6 +118,7 @@ print(data.decode())
 """
 
 
+@pytest.mark.slow
 def test_netns_two_hosts_talk(two_hosts: TwoHosts) -> None:
     a, b = two_hosts.addr(0), two_hosts.addr(1)
     server = two_hosts.run(0, [sys.executable, "-c", _SERVER, a, "hello"], stdout=subprocess.PIPE, text=True)
@@ -137,8 +142,6 @@ def test_netns_two_hosts_talk(two_hosts: TwoHosts) -> None:
 
 
 def test_require_fails_in_ci_and_skips_outside(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.conftest import require
-
     require(None)  # available: no effect, in CI or not
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI"):

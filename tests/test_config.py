@@ -112,6 +112,7 @@ def test_a_number_below_its_range_is_refused(key, field, tmp_path, capsys) -> No
     assert capsys.readouterr().err == f"disttrain: error: {key}={value!r}: {range_.rule()}\n"
 
 
+@pytest.mark.slow
 def test_nan_learning_rate_from_the_shell_is_one_line_and_trains_nothing(tmp_path) -> None:
     result = disttrain("optim.lr=nan", f"run_dir={tmp_path / 'run'}")
     assert (result.returncode, result.stderr) == (
@@ -179,6 +180,7 @@ SMALL_DATA = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), SMALL_DATA, ids=[o[0] + o[-1] for o, _ in SMALL_DATA])
 def test_a_dataset_too_small_for_one_step_is_one_line_before_anything_starts(overrides, message, tmp_path):
     # The empty dataset used to spin at 100% CPU forever; the timeout turns a hang into a failure.

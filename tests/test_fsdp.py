@@ -18,6 +18,8 @@ from disttrain.models import CharGPT
 from disttrain.snapshot import list_snapshots
 from tests.support import ROOT, SMALL, disttrain, env, kill_at_step, losses, start, summary, torchrun
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 #: A small GPT on the generated corpus (2 blocks: 3 FSDP groups with the root), 2 processes.
 GPT = [
     "experiment=gpt", "data.num_tokens=3000", "data.context=16", "model.n_layer=2", "model.n_embd=32",

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import ROOT, env
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 #: Check (as the table names it, its start) -> what it must say in CPU mode.
 EXPECTED = {

@@ -3,7 +3,6 @@ crash, the command every launcher's dry run prints, and bad launch input refused
 
 from __future__ import annotations
 
-import re
 import shlex
 import subprocess
 import sys
@@ -14,35 +13,11 @@ import pytest
 from disttrain.cli import main
 from disttrain.launch.slurm import FREE_PORT
 from tests.clusters.netns import TwoHosts
-from tests.support import SMALL, crash_once_at, disttrain, env, summary
-
-#: The job every launch test runs (226 steps at world size 2), snapshots every 50 steps.
-JOB = [*SMALL, "snapshot.every_steps=50"]
-_REFERENCE: dict[str, str] = {}
+from tests.support import JOB, crash_once_at, disttrain, done_lines, env, summary
 
 
-def reference_sha256(factory: pytest.TempPathFactory) -> str:
-    """params_sha256 of JOB on one node with 2 torchrun processes: what every other launch must give.
-    Run once per session (test_slurm.py compares against it too)."""
-    if "sha" not in _REFERENCE:
-        run_dir = factory.mktemp("reference") / "run"
-        res = disttrain(*JOB, "launcher=torchrun", "launcher.nproc_per_node=2", f"run_dir={run_dir}")
-        assert res.returncode == 0, res.stdout + res.stderr
-        _REFERENCE["sha"] = summary(run_dir)["params_sha256"]
-    return _REFERENCE["sha"]
-
-
-@pytest.fixture
-def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return reference_sha256(tmp_path_factory)
-
-
-def done_lines(output: str) -> dict[int, str]:
-    """rank -> params_sha256 from the workers' `rank R done: ... params_sha256 X` lines (one per node)."""
-    return {int(r): sha for r, sha in re.findall(r"rank (\d+) done: \d+ steps, params_sha256 (\w+)", output)}
-
-
-def test_multinode_across_two_hosts(two_hosts: TwoHosts, tmp_path: Path, reference: str) -> None:
+@pytest.mark.slow
+def test_multinode_across_two_hosts(two_hosts: TwoHosts, tmp_path: Path, ddp_reference: str) -> None:
     run_dir = tmp_path / "run"
     endpoint = f"{two_hosts.addr(0)}:29400"
     nodes = []
@@ -71,13 +46,14 @@ def test_multinode_across_two_hosts(two_hosts: TwoHosts, tmp_path: Path, referen
     for rank, (proc, out) in enumerate(zip(nodes, outputs, strict=True)):
         assert proc.returncode == 0, f"node {rank}:\n{out}"
     # Each node's own worker reports the parameters it ended with: the same, and the one-node job's.
-    assert done_lines(outputs[0]) == {0: reference}, outputs[0]
-    assert done_lines(outputs[1]) == {1: reference}, outputs[1]
-    assert summary(run_dir)["params_sha256"] == reference
+    assert done_lines(outputs[0]) == {0: ddp_reference}, outputs[0]
+    assert done_lines(outputs[1]) == {1: ddp_reference}, outputs[1]
+    assert summary(run_dir)["params_sha256"] == ddp_reference
     assert summary(run_dir)["world_size"] == 2
 
 
-def test_elastic_restart_resumes_after_a_crash(tmp_path: Path, reference: str) -> None:
+@pytest.mark.slow
+def test_elastic_restart_resumes_after_a_crash(tmp_path: Path, ddp_reference: str) -> None:
     run_dir = tmp_path / "run"
     res = disttrain(
         *JOB,
@@ -92,10 +68,11 @@ def test_elastic_restart_resumes_after_a_crash(tmp_path: Path, reference: str) -
     assert "tests.crashing: rank 1 crashing" in out  # the crash did happen
     assert (tmp_path / "crashed").exists()
     assert f"resumed from {run_dir}/snapshots/step_00000050" in out, out
-    assert summary(run_dir)["params_sha256"] == reference
+    assert summary(run_dir)["params_sha256"] == ddp_reference
     assert summary(run_dir)["steps"] == 226
 
 
+@pytest.mark.slow
 def test_a_crash_without_restarts_fails_the_job(tmp_path: Path) -> None:
     # The counterpart of the elastic test: the restart, not luck, is what saved that job.
     run_dir = tmp_path / "run"
@@ -243,6 +220,7 @@ srun --ntasks="$SLURM_NNODES" --ntasks-per-node=1 {sys.executable} -m torch.dist
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_requeue_without_scontrol_fails_loudly(tmp_path: Path) -> None:
     # What rank 0 does after a signal stopped the run inside a SLURM job whose PATH lacks scontrol.
     code = (

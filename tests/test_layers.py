@@ -70,6 +70,7 @@ def test_every_import_points_down(path: Path) -> None:
 IMPORTABLE = [p for p in MODULES if p.name != "__main__.py"]  # importing __main__ runs the CLI
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", IMPORTABLE, ids=[module_name(p) or "__init__" for p in IMPORTABLE])
 def test_every_module_imports_alone(path: Path) -> None:
     name = ".".join(filter(None, ["disttrain", module_name(path)]))

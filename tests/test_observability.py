@@ -111,6 +111,7 @@ def steps_of(run_dir: Path) -> list[dict]:
 
 
 # -- wandb and exact resume ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_resume_continues_the_wandb_run_and_the_health_state(tmp_path) -> None:
     job = [
         *EXPLODING,
@@ -163,6 +164,7 @@ def test_sigkill_resume_continues_the_wandb_run_and_the_health_state(tmp_path) -
 
 
 # -- progress, throughput, grad flow ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_plain_progress_lines_and_grad_flow_in_a_log(tmp_path) -> None:
     run_dir = tmp_path / "run"
     result = disttrain(
@@ -193,6 +195,7 @@ def test_plain_progress_lines_and_grad_flow_in_a_log(tmp_path) -> None:
         assert math.isclose(total, rows[step - 1]["grad_norm"], rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(tmp_path) -> None:
     """stdout on a pseudo-terminal, as in an interactive shell: tqdm redraws one bar, no plain lines."""
     import fcntl
@@ -258,6 +261,7 @@ def test_tokens_per_s_counts_every_position_and_mfu_uses_declared_flops(tmp_path
 
 
 # -- gradient health -------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["warn", "skip"])
 def test_explosions_warn_or_skip_as_configured(tmp_path, policy) -> None:
     run_dir = tmp_path / "run"
@@ -286,6 +290,7 @@ def test_explosions_warn_or_skip_as_configured(tmp_path, policy) -> None:
     assert {action for _, _, action in warned} == {"step skipped" if policy == "skip" else "clipped"}
 
 
+@pytest.mark.slow
 def test_halve_lr_on_two_ranks_decides_alike_everywhere(tmp_path) -> None:
     out = tmp_path / "ranks.json"
     run_dir = tmp_path / "run"
@@ -314,6 +319,7 @@ def test_halve_lr_on_two_ranks_decides_alike_everywhere(tmp_path) -> None:
     assert rank0["explosions"] == sum(r["explosion"] for r in rows) and rank0["skipped_steps"] == 0
 
 
+@pytest.mark.slow
 def test_non_finite_gradients_on_one_rank_skip_the_step_on_both(tmp_path) -> None:
     out = tmp_path / "ranks.json"
     run_dir = tmp_path / "run"
@@ -342,6 +348,7 @@ def two_runs(tmp_path_factory) -> list[Path]:
     return runs
 
 
+@pytest.mark.slow
 def test_plot_draws_every_run_on_each_panel(two_runs, tmp_path) -> None:
     from disttrain.plot import plot_runs
 
@@ -355,6 +362,7 @@ def test_plot_draws_every_run_on_each_panel(two_runs, tmp_path) -> None:
     assert list(loss_line.get_xdata()) == list(range(1, 41))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["-m", "disttrain", "plot"], [str(ROOT / "scripts" / "plot.py")]])
 def test_plot_command_writes_a_png(two_runs, tmp_path, command) -> None:
     import matplotlib.image

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 #: The user's project: a package with a model and a dataset, and a config dir with a model, a dataset
 #: and an experiment that overrides built-in defaults (optim.lr, trainer.batch_size, name).
@@ -99,8 +102,24 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with the wheel built from this checkout (and its `plot` extra)
     installed, CPU torch pinned by the constraints file, as the README tells a user."""
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and an egg-info into the tree it builds, and this
+    # checkout must stay as it was (tests/checkout.py).
+    source = root / "source"
+    junk = (
+        "build",
+        "dist",
+        "*.egg-info",
+        ".git",
+        ".venv",
+        "__pycache__",
+        ".*_cache",
+        "runs",
+        "outputs",
+        "wandb",
+    )
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*junk))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root / "dist"), str(source)],
         capture_output=True,
         text=True,
     )

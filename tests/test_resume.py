@@ -10,6 +10,7 @@ from tests.support import SMALL, disttrain, gone, kill_at_step, losses, start, s
 DDP = ["launcher=torchrun", "launcher.nproc_per_node=2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("launch", "kill_step"),
     [([], 130), (DDP, 70)],
@@ -37,6 +38,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes_bit_exactly(tmp_path, launc
     assert losses(run_dir) == losses(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_finished_run_started_again_changes_nothing(tmp_path) -> None:
     run_dir = tmp_path / "run"
     assert disttrain(*SMALL, "trainer.max_epochs=1", f"run_dir={run_dir}").returncode == 0

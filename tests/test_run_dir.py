@@ -13,12 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from disttrain import TrainConfig, Trainer
 from disttrain.config import ConfigError
-from disttrain.data import TokenCorpus
-from disttrain.models import MLPLanguageModel
 from disttrain.snapshot import list_snapshots
 from tests.support import (
     ROOT,
@@ -26,11 +22,14 @@ from tests.support import (
     disttrain,
     env,
     job_processes,
+    python_api_fit,
     start,
     summary,
     tree_hashes,
     wait_for_step,
 )
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 #: 450 steps, a snapshot every 50 whose commit takes 0.3 s more: a few seconds of run to catch.
 JOB = [*SMALL, "snapshot.every_steps=50"]
@@ -46,14 +45,6 @@ def refusal(run_dir: Path, pid: int) -> str:
         f"disttrain: error: run_dir='{run_dir}': in use by another job (pid {pid} on {holder['host']}, "
         f"started {holder['started']}); wait for it to end, or choose another run_dir"
     )
-
-
-def python_api_fit(run_dir: Path) -> None:
-    cfg = TrainConfig(run_dir=str(run_dir))
-    cfg.trainer.batch_size, cfg.trainer.num_threads = 16, 1
-    model = MLPLanguageModel(vocab_size=50)
-    data = TokenCorpus(vocab_size=50, num_tokens=4000)
-    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, cfg).fit()
 
 
 @pytest.mark.parametrize("first", [[], DDP], ids=["first-one-process", "first-torchrun-launcher"])
@@ -103,7 +94,7 @@ def test_the_python_api_under_torchrun_holds_the_run_dir_on_rank_0(tmp_path) -> 
         script.write_text(
             "import os, sys\n"
             "from disttrain.config import ConfigError\n"
-            "from tests.test_run_dir import python_api_fit\n"
+            "from tests.support import python_api_fit\n"
             "try:\n"
             f"    python_api_fit({str(run_dir)!r})\n"
             "except ConfigError as e:\n"

@@ -10,28 +10,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.clusters.slurm import SlurmCluster
-from tests.support import ROOT, crash_once_at, disttrain, last_step, summary
-from tests.test_launch import JOB, done_lines, reference_sha256
+from tests.support import JOB, ROOT, crash_once_at, disttrain, done_lines, last_step, summary
 
-
-@pytest.fixture
-def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return reference_sha256(tmp_path_factory)
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[str, str]:
     """`disttrain launcher=slurm ...` as a user on the login node runs it; returns (job id, its output)."""
     res = disttrain(
-        *JOB,
-        "launcher=slurm",
-        f"run_dir={tmp_path}/${{run_id:}}",
-        *overrides,
-        SLURM_CONF=cluster.env["SLURM_CONF"],
-        PATH=cluster.env["PATH"],
+        *JOB, "launcher=slurm", f"run_dir={tmp_path}/${{run_id:}}", *overrides, **in_tmp(cluster, tmp_path)
     )
     out = res.stdout + res.stderr
     assert res.returncode == 0, f"{out}\n{cluster.logs()}"
@@ -40,13 +32,21 @@ def submit(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[str,
     return match.group(1), out
 
 
+def in_tmp(cluster: SlurmCluster, tmp_path: Path) -> dict[str, Any]:
+    """disttrain()'s keywords for a submission from `tmp_path`: the job's working directory is the
+    submit directory, and anything SLURM writes there by default (`slurm-N.out`, a step's messages)
+    must land in a temporary directory, not in the checkout (env() keeps this checkout's code and
+    tests' models importable from there)."""
+    return {"cwd": tmp_path, "SLURM_CONF": cluster.env["SLURM_CONF"], "PATH": cluster.env["PATH"]}
+
+
 def job_log(tmp_path: Path, job: str) -> str:
     return "\n".join(p.read_text() for p in tmp_path.glob(f"*/slurm-{job}.out"))
 
 
 @pytest.mark.parametrize(("nodes", "per_node"), [(1, 2), (2, 1)], ids=["1node-2procs", "2nodes-1proc"])
 def test_slurm_job_matches_the_local_run(
-    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str, nodes: int, per_node: int
+    slurm_cluster: SlurmCluster, tmp_path: Path, ddp_reference: str, nodes: int, per_node: int
 ) -> None:
     job, out = submit(
         slurm_cluster,
@@ -64,18 +64,18 @@ def test_slurm_job_matches_the_local_run(
     # The run dir carries the job id; one `done` line per node, all with the local run's parameters.
     run_dir = tmp_path / f"slurm-{job}"
     assert f"  run dir: {run_dir}" in out
-    assert done_lines(log) == {rank * per_node: reference for rank in range(nodes)}, log
-    assert summary(run_dir)["params_sha256"] == reference
+    assert done_lines(log) == {rank * per_node: ddp_reference for rank in range(nodes)}, log
+    assert summary(run_dir)["params_sha256"] == ddp_reference
     assert summary(run_dir)["world_size"] == 2
     assert (run_dir / "config.yaml").read_text().count(f"run_dir: {run_dir}\n") == 1
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_preempted_job_requeues_and_resumes(
-    slurm_cluster: SlurmCluster, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, strategy: str
+    slurm_cluster: SlurmCluster, tmp_path: Path, request: pytest.FixtureRequest, strategy: str
 ) -> None:
     if strategy == "ddp":
-        reference = reference_sha256(tmp_path_factory)
+        reference = request.getfixturevalue("ddp_reference")
     else:  # FSDP's sharded snapshots (DCP) through the same requeue; its own uninterrupted local run
         local = disttrain(*JOB, "launcher=torchrun", "strategy=fsdp", f"run_dir={tmp_path / 'local'}")
         assert local.returncode == 0, local.stderr[-3000:]
@@ -134,14 +134,14 @@ def test_gpus_the_partition_lacks_are_refused(slurm_cluster: SlurmCluster, tmp_p
 
 
 def test_the_hand_written_sbatch_script_trains(
-    slurm_cluster: SlurmCluster, tmp_path: Path, reference: str
+    slurm_cluster: SlurmCluster, tmp_path: Path, ddp_reference: str
 ) -> None:
     # As its header says: `sbatch [OPTIONS] slurm/train.sbatch [OVERRIDE ...]`; options beat #SBATCH lines.
     job = slurm_cluster.sbatch(
         "--nodes=2",
         "--cpus-per-task=1",
         "--time=5",
-        f"--export=ALL,PYTHON={sys.executable}",
+        f"--export=ALL,PYTHON={sys.executable},PYTHONPATH={ROOT}",  # this checkout's code, from tmp_path
         str(ROOT / "slurm" / "train.sbatch"),
         *JOB,
         f"run_dir={tmp_path}/${{run_id:}}",
@@ -151,7 +151,7 @@ def test_the_hand_written_sbatch_script_trains(
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED", f"{state}\n{log}\n{slurm_cluster.logs()}"
     assert state["NodeList"] == "n[1-2]"
-    assert summary(tmp_path / f"slurm-{job}")["params_sha256"] == reference
+    assert summary(tmp_path / f"slurm-{job}")["params_sha256"] == ddp_reference
 
 
 def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
@@ -164,8 +164,7 @@ def test_wait_returns_the_exit_code_of_a_failed_job(slurm_cluster: SlurmCluster,
         "launcher.time=00:05:00",
         "launcher.wait=true",
         f"run_dir={tmp_path}/${{run_id:}}",
-        SLURM_CONF=slurm_cluster.env["SLURM_CONF"],
-        PATH=slurm_cluster.env["PATH"],
+        **in_tmp(slurm_cluster, tmp_path),
     )
     job = re.search(r"^submitted SLURM job (\d+)$", res.stdout, re.M)
     assert job, res.stdout + res.stderr

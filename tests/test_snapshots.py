@@ -29,8 +29,7 @@ from disttrain.snapshot import (
     list_snapshots,
 )
 from scripts.fault_inject import inject
-from tests.conftest import require
-from tests.support import SMALL, disttrain, losses, summary, tree_hashes
+from tests.support import SMALL, disttrain, losses, require, summary, tree_hashes
 
 ONE_PROCESS = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 #: One epoch (225 steps), a snapshot every 50 steps and at the end, the 3 newest kept: 150, 200, 225.
@@ -207,6 +206,7 @@ def test_a_bad_newest_snapshot_is_reported_in_one_line_and_the_older_one_is_used
     assert not (tmp_path / "MARKER").exists()
 
 
+@pytest.mark.slow
 def test_a_snapshot_carrying_a_pickled_callable_is_refused_and_runs_nothing(tmp_path) -> None:
     """Through the CLI, with a manifest whose checksums match: the file a stranger could hand a user."""
     run_dir, marker = tmp_path / "run", tmp_path / "MARKER"
@@ -249,6 +249,7 @@ CLI_DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", CLI_DAMAGE, ids=list(CLI_DAMAGE))
 def test_cli_reports_a_bad_newest_snapshot_in_one_line_and_resumes_exactly_from_an_older_one(
     tmp_path, finished_run, damage
@@ -323,6 +324,7 @@ def test_retention_keeps_the_newest_that_verify_and_never_the_newest_good_one(tm
 # ==== SIGKILL at random moments =======================================================================
 
 
+@pytest.mark.slow
 def test_twenty_sigkills_at_random_moments_lose_nothing(tmp_path) -> None:
     """The job is killed 20 times (seeded moments, many inside snapshot writes), restarted with the same
     command each time, and ends as a run never interrupted; every snapshot on disk verifies."""
@@ -359,6 +361,7 @@ def small_disk(tmp_path) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_job_in_one_line_and_the_previous_snapshot_stays_loadable(
     tmp_path, small_disk
 ) -> None:
@@ -408,6 +411,7 @@ def fill(disk: Path, leave: int = 0) -> Path:
     return ballast
 
 
+@pytest.mark.slow
 def test_a_full_disk_outside_a_snapshot_write_is_one_line_and_cuts_nothing(tmp_path, small_disk) -> None:
     """Every run file, not only snapshots: the first config.yaml of a new run, the config.yaml of a resumed
     run, metrics.jsonl filling the disk mid-run. Then space is freed, and the same command ends exactly."""
@@ -463,6 +467,7 @@ def test_a_full_disk_outside_a_snapshot_write_is_one_line_and_cuts_nothing(tmp_p
     assert losses(run_dir) == losses(tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything_starts(tmp_path) -> None:
     run_dir = tmp_path / "run"
     assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
@@ -481,6 +486,7 @@ def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything_starts(tmp_pa
 # ==== what else a run dir may hold: broken snapshots/, a damaged metrics.jsonl =========================
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dangling-symlink", "a-file"])
 def test_snapshots_that_are_no_directory_are_refused_and_metrics_stay_whole(tmp_path, kind) -> None:
     """Read as "no snapshot", they would restart the run from step 0 and cut metrics.jsonl to nothing."""
@@ -503,6 +509,7 @@ def test_snapshots_that_are_no_directory_are_refused_and_metrics_stay_whole(tmp_
     assert tree_hashes(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_metrics_log_that_is_not_utf8_is_refused_on_resume_and_kept_as_it_is(tmp_path) -> None:
     run_dir = tmp_path / "run"
     assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from disttrain.snapshot import Snapshot, list_snapshots
+from tests.support import JOB as DDP_JOB
 from tests.support import SMALL, disttrain, gone, losses, start, summary, wait_for_step
-from tests.test_launch import JOB as DDP_JOB
-from tests.test_launch import reference_sha256
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 #: One epoch of 225 steps, a snapshot every 25.
 JOB = [*SMALL, "trainer.max_epochs=1", "snapshot.every_steps=25"]
@@ -124,7 +125,7 @@ def test_ctrl_c_while_the_config_is_checked_is_one_line(tmp_path) -> None:
 
 
 def test_sigterm_to_the_torchrun_launcher_stops_the_whole_job_with_a_snapshot(
-    tmp_path, tmp_path_factory
+    tmp_path, ddp_reference
 ) -> None:
     run_dir = tmp_path / "run"
     command = [*DDP_JOB, *DDP, f"run_dir={run_dir}"]
@@ -143,7 +144,7 @@ def test_sigterm_to_the_torchrun_launcher_stops_the_whole_job_with_a_snapshot(
     again = disttrain(*command)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir}/snapshots/step_{step:08d} " in again.stderr + again.stdout
-    assert summary(run_dir)["params_sha256"] == reference_sha256(tmp_path_factory)
+    assert summary(run_dir)["params_sha256"] == ddp_reference
 
 
 def test_a_second_ctrl_c_to_the_torchrun_launcher_kills_the_job_now(tmp_path) -> None:

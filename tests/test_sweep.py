@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.clusters.slurm import SlurmCluster
 from tests.support import disttrain, summary, tree_hashes
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 #: The torchrun tutorial's job, small: 256 samples of 20 features, batch 32, 8 steps an epoch.
 JOB = ["experiment=regression", "data.size=256", "trainer.max_epochs=1", "trainer.num_threads=1"]

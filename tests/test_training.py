@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -18,6 +19,7 @@ from disttrain.metrics import read_metrics
 from tests.support import ROOT, SMALL, disttrain, env, summary, torchrun
 
 
+@pytest.mark.slow
 def test_default_job_learns_and_leaves_its_record(tmp_path) -> None:
     run_dir = tmp_path / "run"
     result = disttrain(f"run_dir={run_dir}", "data.num_tokens=30000", "trainer.max_epochs=3")
@@ -35,6 +37,7 @@ def test_default_job_learns_and_leaves_its_record(tmp_path) -> None:
     assert (run_dir / ".hydra" / "overrides.yaml").exists() and (run_dir / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_dataparallel_runs_the_module_as_is_on_cpu(tmp_path) -> None:
     single = disttrain(*SMALL, "trainer.max_epochs=1", f"run_dir={tmp_path / 'single'}")
     dp = disttrain(*SMALL, "trainer.max_epochs=1", "strategy=dp", f"run_dir={tmp_path / 'dp'}")
@@ -114,6 +117,7 @@ def test_fp16_clips_in_real_units_after_unscale(tmp_path) -> None:
         assert clip * 0.99 <= applied <= clip * 1.001  # clipped to the limit in real units
 
 
+@pytest.mark.slow
 def test_no_sync_means_one_allreduce_per_step_and_validation_skips_padding(tmp_path) -> None:
     out = tmp_path / "probe.json"
     result = torchrun(ROOT / "tests" / "scripts" / "ddp_probe.py", str(out))
@@ -124,6 +128,7 @@ def test_no_sync_means_one_allreduce_per_step_and_validation_skips_padding(tmp_p
     assert math.isclose(probe["val_loss"], probe["expected_val_loss"], rel_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_early_stopping_on_validation_loss(tmp_path) -> None:
     # A learning rate of 100 makes the model diverge: validation never improves after the first.
     result = disttrain(
@@ -140,6 +145,7 @@ def test_early_stopping_on_validation_loss(tmp_path) -> None:
     assert "done: 15 steps (early_stop)" in result.stdout
 
 
+@pytest.mark.slow
 def test_torchrun_workers_share_rank0_run_dir_and_write_no_hydra_output(tmp_path) -> None:
     # ${now:%f} (microseconds) differs in every process that resolves it: only rank 0's may be used.
     runs = tmp_path / "runs"

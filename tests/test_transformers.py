@@ -38,6 +38,7 @@ def test_gpt2_trains_from_python_and_counts_the_tokens_it_predicts(tmp_path) -> 
     assert first["tokens_per_s"] * first["step_time_s"] == pytest.approx(predicted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("launch", "kill_step"),
     [([], 30), (["launcher=torchrun", "launcher.nproc_per_node=2"], 15)],

@@ -20,6 +20,8 @@ from tests.clusters.netns import TwoHosts
 from tests.order import steps_read
 from tests.support import ROOT, disttrain, env, kill_at_step, last_step, start, summary, tree_hashes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 #: 192 samples of tests/order.py, 16 per optimizer step (4 per micro-batch: accumulate 4 on 1 process,
 #: 2 on 2, 1 on 4), 12 steps an epoch, 2 epochs, a snapshot every 2 steps.
 JOB = [

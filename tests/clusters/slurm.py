@@ -367,11 +367,13 @@ class SlurmCluster:
         return res
 
     def sbatch(self, *args: str, cwd: Path | None = None) -> str:
-        """Submit with `sbatch --parsable ARGS` and return the job id."""
+        """Submit with `sbatch --parsable ARGS` from `cwd` (the job's working directory, where SLURM
+        writes `slurm-N.out` unless told otherwise), by default the cluster's own temporary directory:
+        never the directory the tests run from, the checkout."""
         res = subprocess.run(
             ["sbatch", "--parsable", *args],
             env=self.env,
-            cwd=cwd,
+            cwd=cwd or self.workdir,
             capture_output=True,
             text=True,
             timeout=20,
