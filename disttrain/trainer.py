@@ -39,6 +39,7 @@ from disttrain.config import (
     TrainConfig,
     accumulate_for,
     checked,
+    describe_exception,
     resolve_strategy,
     resume_mismatch,
     to_dict,
@@ -93,8 +94,28 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
+def check_model(model: Any, key: str = "model") -> None:
+    """What the Trainer trains must be a module with something to train: anything else fails later, deep
+    inside the optimizer or the strategy, in a traceback that does not name it."""
+    if not isinstance(model, nn.Module):
+        made = "returned" if "_target_" in key else "is"
+        raise ConfigError(f"{key}: {made} a {class_name(model)}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(
+            f"{key}: {class_name(model)} has no parameters that require grad, so there is nothing to train"
+        )
+    for name, p in model.named_parameters():
+        if p.numel() == 0:  # a layer of width 0: its first batch would fail on shapes that do not fit
+            raise ConfigError(f"{key}: parameter {name} of shape {tuple(p.shape)} has no elements")
+
+
 def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """An optimizer built over another model's parameters would step those and train nothing."""
+    """An optimizer built over another model's parameters would step those and train nothing; one with a
+    learning rate that is not a finite number would make every parameter NaN at its first step."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if lr is not None and not math.isfinite(float(lr)):
+            raise ConfigError(f"optimizer: param group {i} has lr={float(lr)!r}: must be a finite number")
     own = {id(p) for p in model.parameters()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
     foreign = sum(id(p) not in own for p in held)
@@ -248,6 +269,7 @@ class Trainer:
         world_size = env.world_size if env is not None else placement().world_size
         self.cfg = cfg = checked(cfg or TrainConfig(), world_size)
         t = cfg.trainer
+        check_model(model)
         _check_optimizer(optimizer, model)
         # What a dataset declares is read before training_splits() wraps it in a Subset: its loss,
         # whether its samples all carry the same loss items (disttrain.step.DefaultStep), and a
@@ -669,16 +691,58 @@ class Trainer:
             return as_step_output(self.step(self.model, batch))
 
     def _first_step(self, batch: Any) -> StepOutput:
-        """_run_step on the run's first micro-batch: a model that cannot take the batch is one line."""
+        """_run_step on the run's first micro-batch: a model or step that cannot take the batch (shapes
+        that do not fit, a wrong type) is one line naming the batch and the innermost module that was
+        running, before any optimizer step."""
+        running: list[str] = []  # the modules whose forward has begun and not returned
+        names = {id(m): f"{name} ({type(m).__name__})" for name, m in self.module.named_modules()}
+
+        def enter(module: nn.Module, _: Any) -> None:
+            if id(module) in names:
+                running.append(names[id(module)])
+
+        def leave(module: nn.Module, _: Any, __: Any) -> None:
+            if id(module) in names and running:
+                running.pop()
+
+        # Hooks on every module for this one call (not under torch.compile, which would trace them).
+        watch = not self.cfg.trainer.compile
+        hooks = []
+        if watch:
+            hooks = [
+                nn.modules.module.register_module_forward_pre_hook(enter),
+                nn.modules.module.register_module_forward_hook(leave),
+            ]
         try:
             with self._autocast():
                 out = as_step_output(self.step(self.model, batch))
+        except ConfigError:
+            raise
         except TypeError as e:
             if not isinstance(self.step, DefaultStep):
-                raise
+                raise self._first_step_error(batch, running, e) from None
             raise ConfigError(f"batch: calling the model with {describe(batch)} failed: {e}") from None
+        except Exception as e:
+            raise self._first_step_error(batch, running, e) from None
+        finally:
+            for hook in hooks:
+                hook.remove()
         self._first_step_checked = True
         return out
+
+    def _first_step_error(self, batch: Any, running: list[str], e: Exception) -> ConfigError:
+        # The root module's name is empty: " (Linear)" is then the model itself.
+        where = ""
+        if running:
+            where = (
+                f" in module {running[-1]}"
+                if not running[-1].startswith(" ")
+                else f" in the model{running[-1]}"
+            )
+        what = "the model" if isinstance(self.step, DefaultStep) else f"step {callable_name(self.step)}"
+        return ConfigError(
+            f"step 1: {what} failed on the first batch ({describe(batch)}){where}: {describe_exception(e)}"
+        )
 
     def _rescale_by_items(self, counts: list[Any], whole: bool) -> torch.Tensor:
         """The window's loss items on all ranks; the gradients (of sums over items) become those of the

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,7 +37,7 @@ from disttrain.config import (
 from disttrain.data import training_splits
 from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError, freeze_config, newest_snapshot
-from disttrain.trainer import Trainer, make_optimizer
+from disttrain.trainer import Trainer, check_model, make_optimizer
 
 log = logging.getLogger("disttrain")
 
@@ -72,9 +73,14 @@ def build(key: str, spec: dict[str, Any]) -> Any:
     """`instantiate(spec)`, with a failure of the user's code in one line naming the `_target_`, the
     exception and where it was raised (hydra's own message spans lines and repeats the config)."""
     try:
-        return instantiate(spec)
+        with warnings.catch_warnings():
+            # A layer of width 0 warns while it is built; check_model then refuses it in one line.
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            return instantiate(spec)
     except Exception as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+        if isinstance(cause, ConfigError):  # a value the object itself refuses (a corpus too short)
+            raise ConfigError(str(cause)) from None
         target = spec.get("_target_")
         why = describe_exception(cause)
         raise BuildError(f"{key}._target_={target!r}: building it raised {why}") from None
@@ -103,6 +109,7 @@ def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) ->
     dataset = build("data", cfg.data) if dataset is None else dataset
     torch.manual_seed(cfg.trainer.seed)
     model = build("model", cfg.model)
+    check_model(model, f"model._target_={cfg.model.get('_target_')!r}")
     step = instantiate(cfg.step, _partial_=True) if cfg.step else None
     return Trainer(model, make_optimizer(cfg.optim, model), dataset, cfg, step=step, env=env)
 
