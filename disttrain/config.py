@@ -266,6 +266,12 @@ class HealthConfig:
     patience: int = _number(5, low=1)
     #: Write each module's gradient norm into metrics.jsonl (`grad_flow`) every N steps (0: never).
     grad_flow_every: int = _number(0, low=0)
+    #: Optimizer steps skipped in a row (non-finite gradients, explosions under on_explosion=skip, windows
+    #: without loss items) after which the run stops as diverged (summary `stopped: diverged`, exit 3)
+    #: with a snapshot of its last finite weights, instead of running on without training (0: never
+    #: stop). Under fp16 each skip also halves GradScaler's scale: 10 in a row is a scale 1024 times
+    #: smaller that still overflows.
+    max_skipped_steps: int = _number(10, low=0)
 
 
 @dataclass

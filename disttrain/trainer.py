@@ -165,6 +165,8 @@ class Counters:
     explosion_streak: int = 0
     #: Times health.on_explosion=halve_lr halved the learning rate.
     lr_halvings: int = 0
+    #: Optimizer steps skipped in a row, up to the latest step (health.max_skipped_steps acts on it).
+    skip_streak: int = 0
     #: The wandb run this run logs to (rank 0's; "" without logger=wandb): a resumed job continues it.
     wandb_run_id: str = ""
 
@@ -335,6 +337,9 @@ class Trainer:
         self._stop_started_at: tuple[int, float] | None = None
         self._stop_reason = ""
         self._snapshot_step: int | None = None  # of the newest snapshot saved or loaded, on every rank
+        self._fitted = False
+        #: Why the run diverged (the skipped steps, or the parameters that are not finite), if it did.
+        self._diverged = ""
         seed_everything(t.seed + self.env.rank)
 
     def _wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, nn.Module]:
@@ -394,6 +399,16 @@ class Trainer:
 
         The run dir is this job's while fit() runs (runlock): rank 0 takes its lock unless this process
         or its launcher holds it already; another job on it is refused in one line on every rank."""
+        if self._fitted:
+            # A second fit() would find its process group torn down, its wrapper gone and its schedule
+            # built for the first limit: a new Trainer on the same run_dir resumes exactly instead.
+            c = self.counters
+            raise ConfigError(
+                f"Trainer.fit(): this Trainer has trained already (to step {c.step}, "
+                f"{self._stop_reason or 'ended by an error'}); to train further, build a new Trainer with "
+                "the raised trainer.max_steps or max_epochs on the same run_dir: it resumes from its snapshot"
+            )
+        self._fitted = True
         clean = False
         release = lambda: None  # noqa: E731
         try:
@@ -434,7 +449,23 @@ class Trainer:
         self._log_summed_losses()  # (a snapshot has logged them all already; no rank waits on this)
         self.snapshots.wait()
         self.metrics.close()
+        if self._diverged and self.env.is_main:
+            log.error("%s", self._diverged_line())
         return self._summary(time.perf_counter() - start)
+
+    def _diverged_line(self) -> str:
+        """The one line of a run that stopped because it no longer trains: why, and what it left."""
+        c = self.counters
+        if self._snapshot_step == c.step:
+            kept = f"snapshot {step_dir_name(c.step)} written"
+            if c.skip_streak:
+                kept += f" (the weights of step {c.step - c.skip_streak}, the last step taken)"
+        else:
+            kept = f"not written as a snapshot; {self.snapshots.newest_good()}"
+        return (
+            f"diverged at step {c.step}: {self._diverged}; {kept}; run dir {self.run_dir}; lower optim.lr "
+            "(or fix the data) and run the same command to resume"
+        )
 
     def _hold_run_dir(self) -> Any:
         """Rank 0 takes the run dir's lock; every rank hears whether it could (a refused rank 0 alone
@@ -544,14 +575,36 @@ class Trainer:
                 c.epoch, c.samples_in_epoch = c.epoch + 1, 0
             if epoch_done or (val_every and c.step % val_every == 0):
                 self._validate()
+            if result.verdict.apply:
+                c.skip_streak = 0
+            else:
+                c.skip_streak += 1
+                self._check_skips(result)
             stopping = self._should_stop()
             if epoch_done or stopping or (snapshot_every and c.step % snapshot_every == 0):
                 self._save_snapshot()
+                stopping = stopping or self._should_stop()  # parameters that are not finite stop the run
             if epoch_done:  # (the snapshot has logged every step's loss: _epoch_loss is whole)
                 seconds = time.perf_counter() - epoch_start
                 self._print_epoch(self._epoch_loss / epoch_steps, seconds, epoch_steps)
             if stopping or epoch_done:
                 return
+
+    def _check_skips(self, result: StepResult) -> None:
+        """health.max_skipped_steps steps skipped in a row: the run no longer trains, and stops as diverged.
+        Every rank counts the same skips (the verdicts come from all-reduced values), so every rank
+        stops at the same step without a message."""
+        limit, streak = self.cfg.health.max_skipped_steps, self.counters.skip_streak
+        if not limit or streak < limit:
+            return
+        if not math.isfinite(result.grad_norm):
+            why = f"non-finite gradients, norm {result.grad_norm}"
+        elif result.verdict.explosion:
+            why = "gradient explosions under health.on_explosion=skip"
+        else:
+            why = "windows without loss items"
+        self._diverged = f"{streak} steps in a row skipped ({why}; health.max_skipped_steps={limit})"
+        self._stop_reason = "diverged"
 
     def _train_step(self, window: list[Any]) -> StepResult:
         """One optimizer step over an accumulation window of micro-batches. Its gradient is that of the
@@ -840,8 +893,35 @@ class Trainer:
         self._log(record)
 
     # -- snapshots ----------------------------------------------------------------------------------------
+    def _nonfinite_state(self) -> str | None:
+        """The name of the first parameter or floating-point buffer (BatchNorm's running statistics, which
+        every forward moves, skipped steps' too) holding a NaN or an infinity, else None; the same answer
+        on every rank (sharded parameters: each rank looks at its shards, and the ranks agree)."""
+        names, flags = [], []
+        tensors = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
+        for name, t in tensors:
+            if not t.is_floating_point():
+                continue
+            local = t.to_local() if hasattr(t, "to_local") else t
+            names.append(name)
+            flags.append(torch.isfinite(local.detach()).all())
+        if not flags:
+            return None
+        finite = torch.stack(flags).to(torch.int32)
+        if self.strategy.shards_parameters and self.env.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        bad = (finite == 0).nonzero()
+        return names[int(bad[0])] if len(bad) else None
+
     def _save_snapshot(self) -> None:
         c = self.counters
+        if (bad := self._nonfinite_state()) is not None:
+            # The newest snapshot is what a resume starts from: weights that are not finite would make
+            # every later attempt train nothing. The run stops as diverged instead.
+            why = f"the model's state is not finite (the first: {bad})"
+            self._diverged = f"{self._diverged}; {why}" if self._diverged else why
+            self._stop_reason = "diverged"
+            return
         self._log_summed_losses()  # every rank is at this step; the counters hold its loss
         self.metrics.flush()  # every line up to this step reaches the file before the snapshot does
         shared = {

@@ -51,6 +51,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 #: worker training on as an orphan in a run dir whose lock went with the launcher.
 LAUNCHER_PID_ENV = "DISTTRAIN_LAUNCHER_PID"
 
+#: The exit code of a run that stopped because it no longer trained (summary `stopped: diverged`): not 0,
+#: since it is not done, and not 1 or 2, so that a script can tell it from a crash or a refused config.
+DIVERGED_EXIT = 3
+
 
 def read_config(path: Path) -> TrainConfig:
     """Load a frozen config; interpolations left in it (a SLURM run's `${run_id:}`) resolve here."""
@@ -183,6 +187,12 @@ def stopped_now_line(run_dir: Path) -> str:
     return f"stopped now by a second SIGINT: {kept}; run the same command to resume"
 
 
+def diverged(summary: dict[str, Any]) -> bool:
+    """Whether the run stopped because it no longer trained (health.max_skipped_steps, or parameters
+    that are not finite): the trainer has said why in one line."""
+    return summary.get("stopped") == "diverged"
+
+
 def stopped_by(summary: dict[str, Any]) -> signal.Signals | None:
     """The signal that stopped a run, from its summary; None if it ended otherwise."""
     reason = str(summary.get("stopped", ""))
@@ -217,10 +227,18 @@ def finish(summary: dict[str, Any]) -> int:
     that cannot happen (no scontrol, a job that is not requeueable) is exit 1 with one line: the run is
     not done, and must not look done.
     """
+    where = placement()
+    if diverged(summary):
+        # Under `disttrain launcher=torchrun` the launcher reads it from summary.json, as it reads a stop
+        # (a failed worker would make torchrun restart a group that diverges again). Inside a SLURM job
+        # nothing reads it: the job itself must end not done.
+        if where.launched_by == "torchrun" and slurm_job_to_requeue() is None:
+            return 0
+        return DIVERGED_EXIT
     stopped = stopped_by(summary)
     if stopped is None:
         return 0
-    where, job = placement(), slurm_job_to_requeue()
+    job = slurm_job_to_requeue()
     if job is None:
         if where.rank == 0:
             print(stop_line(summary), file=sys.stderr, flush=True)
@@ -280,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SnapshotError, BuildError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    if where.local_rank == 0 and stopped_by(summary) is None:
+    if where.local_rank == 0 and stopped_by(summary) is None and not diverged(summary):
         # One line per node: each machine's log shows it finished, and with which parameters.
         steps, sha = summary["steps"], summary["params_sha256"]
         print(f"disttrain: rank {where.rank} done: {steps} steps, params_sha256 {sha}", flush=True)

@@ -36,7 +36,7 @@ def device_preflight(trainer: TrainerConfig, processes: int) -> None:
 
 def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
     from disttrain.runlock import hold
-    from disttrain.worker import build_dataset, stop_line, stopped_by, train
+    from disttrain.worker import DIVERGED_EXIT, build_dataset, diverged, stop_line, stopped_by, train
 
     if cfg.launcher.dry_run:
         print(shlex.join([sys.executable, "-m", "disttrain", *overrides]))
@@ -48,6 +48,8 @@ def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
     if (signum := stopped_by(summary)) is not None:
         print(stop_line(summary), file=sys.stderr, flush=True)
         return 128 + signum
+    if diverged(summary):  # the trainer's line has said why; it is not done
+        return DIVERGED_EXIT
     print(
         f"done: {summary['steps']} steps ({summary['stopped']}), final loss {summary['final_loss']:.4f}, "
         f"run dir {cfg.run_dir}"

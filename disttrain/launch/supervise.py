@@ -32,7 +32,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from disttrain.worker import LAUNCHER_PID_ENV, STOP_SIGNALS, stopped_by, stopped_now_line
+from disttrain.worker import (
+    DIVERGED_EXIT,
+    LAUNCHER_PID_ENV,
+    STOP_SIGNALS,
+    diverged,
+    stopped_by,
+    stopped_now_line,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -87,6 +94,8 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: Path) -> int:
     summary = _summary_since(run_dir, started) if code == 0 else None
     if summary is not None and (signum := stopped_by(summary)) is not None:
         return 128 + signum
+    if summary is not None and diverged(summary):
+        return DIVERGED_EXIT
     if stops.signum and proc.pid in told:
         name = signal.Signals(stops.signum).name
         print(
