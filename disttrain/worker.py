@@ -44,7 +44,8 @@ log = logging.getLogger("disttrain")
 #: Signals that mean "stop soon": SIGTERM (torchrun, SLURM at the time limit, preemption) and the
 #: warning signal the sbatch script asks for (USR2 by default; USR1 too, for clusters configured so).
 #: SIGINT (Ctrl-C) too; a second one, in a process that owns its terminal, means "stop now" (StopNow).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+#: SIGHUP too: the terminal closed or the ssh session dropped, the commonest way an interactive run ends.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 #: Set by `disttrain launcher=torchrun|multinode` for its workers: its pid. A worker then dies with its
 #: torchrun, which dies with the launcher (PR_SET_PDEATHSIG): a launcher killed with SIGKILL leaves no

@@ -6,7 +6,7 @@ job; the `disttrain` process stays their parent, the one a user or a scheduler s
   each worker in a session of its own, so the workers never get the terminal's signals; a torchrun
   signalled itself forwards the signal to its workers, then raises and prints a traceback, and a second
   signal during that cuts its wait for the workers short.)
-- A stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) goes to each worker as soon as its stop handlers
+- A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2) goes to each worker as soon as its stop handlers
   are in place (SigCgt in /proc/PID/status: a worker still importing would die of it, and torchrun
   would count a crash, or restart it), also to workers a torchrun restart starts later. The workers
   agree on a step, snapshot and exit 0 (worker.finish), torchrun exits 0, and this process exits
