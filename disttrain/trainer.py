@@ -896,7 +896,8 @@ class Trainer:
     def _nonfinite_state(self) -> str | None:
         """The name of the first parameter or floating-point buffer (BatchNorm's running statistics, which
         every forward moves, skipped steps' too) holding a NaN or an infinity, else None; the same answer
-        on every rank (sharded parameters: each rank looks at its shards, and the ranks agree)."""
+        on every rank: the ranks agree (sharded parameters are each rank's own shards, and BatchNorm's
+        statistics move with each rank's own batches), or one rank would snapshot alone and wait forever."""
         names, flags = [], []
         tensors = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
         for name, t in tensors:
@@ -908,7 +909,7 @@ class Trainer:
         if not flags:
             return None
         finite = torch.stack(flags).to(torch.int32)
-        if self.strategy.shards_parameters and self.env.world_size > 1:
+        if self.env.world_size > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         bad = (finite == 0).nonzero()
         return names[int(bad[0])] if len(bad) else None
@@ -1024,7 +1025,10 @@ class Trainer:
         if self.progress is not None:
             self.progress.close()
         if self.wandb is not None:
-            self.wandb.finish(0 if clean else 1, preempted=self._stop_reason.startswith("stopped by signal"))
+            ended_well = clean and not self._diverged
+            self.wandb.finish(
+                0 if ended_well else 1, preempted=self._stop_reason.startswith("stopped by signal")
+            )
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
