@@ -8,7 +8,9 @@ line naming the key, the value and the rule, so the CLI prints it and exits 2 be
 starts and before any snapshot is touched, and the Python API refuses what the CLI refuses.
 
 Every number carries its range in the field's metadata (`_range`), so no number escapes a rule, NaN and
-infinity included. Machine probes (sbatch, sinfo, GPUs) are not here: they belong to the launchers.
+infinity included, and every integer an upper bound: a C int, or what the machine takes (threads, a
+process group's timeout), with the reason in the rule's words. Machine probes (sbatch, sinfo, GPUs)
+are not here: they belong to the launchers.
 """
 
 from __future__ import annotations
@@ -46,20 +48,26 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Range:
-    """The values a number may take: finite, and within [low, high] (`open_low`: low itself excluded)."""
+    """The values a number may take: finite, and within [low, high] (`open_low`: low itself excluded).
+    `why` says what the upper bound means, in the rule's words."""
 
     low: float = -math.inf
     high: float = math.inf
     open_low: bool = False
     open_high: bool = False
+    why: str = ""
 
-    def rule(self) -> str:
-        if self.high == math.inf:
+    def rule(self, value: float | None = None) -> str:
+        """The rule, as the value `value` breaks it: a cap with a `why` says what it means when `value` is
+        above it, and is left out of the rule of a value below the range."""
+        if self.why and value is not None and value > self.high:
+            return f"must be at most {_plain(self.high)} ({self.why})"
+        if self.high == math.inf or self.why:
             if self.open_low:
                 return "must be positive" if self.low == 0 else f"must be above {self.low:g}"
             return f"must be at least {self.low:g}"
         left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
-        return f"must be in {left}{self.low:g}, {self.high:g}{right}"
+        return f"must be in {left}{_plain(self.low)}, {_plain(self.high)}{right}"
 
     def holds(self, value: float) -> bool:
         if not math.isfinite(value):
@@ -69,7 +77,30 @@ class Range:
         return above and below
 
 
+def _plain(x: float) -> str:
+    """A bound as a user types it: 2147483647, not 2.14748e+09."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+#: The largest count any integer field takes: torch, the OS and the C libraries under them take counts
+#: (threads, processes, steps, sizes) as C ints, and a larger one fails deep inside them.
+INT_MAX = 2**31 - 1
+INT_WHY = "a count must fit a C int"
+#: CPU threads or processes per training process: more than this many per core only thrashes, and tens
+#: of thousands exhaust the machine's threads before a step runs.
+CORES = os.cpu_count() or 1
+THREADS_PER_CORE = 4
+MAX_THREADS = THREADS_PER_CORE * CORES
+THREADS_WHY = f"at most {THREADS_PER_CORE} × the {CORES} CPU cores of this machine"
+#: A collective that waits longer than this for the other ranks is a hung job, not a slow one; the
+#: process group needs a finite timeout it can turn into a deadline.
+MAX_TIMEOUT_S = 30 * 24 * 3600.0
+TIMEOUT_WHY = "30 days; a longer wait for the other ranks is a hung job"
+
+
 def _number(default: float, **range_: Any) -> Any:
+    if isinstance(default, int) and "high" not in range_:
+        range_ |= {"high": INT_MAX, "why": INT_WHY}
     return field(default=default, metadata={"range": Range(**range_)})
 
 
@@ -176,14 +207,14 @@ class TrainerConfig:
     #: Stop after this many validations without improvement (0: never stop early).
     early_stop_patience: int = _number(0, low=0)
     #: DataLoader worker processes per training process.
-    num_workers: int = _number(0, low=0)
+    num_workers: int = _number(0, low=0, high=MAX_THREADS, why=THREADS_WHY)
     #: Intra-op CPU threads per process (0: leave torch's default). Fix it to compare runs bit for bit:
     #: torchrun sets OMP_NUM_THREADS=1 only when it starts more than one process on a node.
-    num_threads: int = _number(0, low=0)
+    num_threads: int = _number(0, low=0, high=MAX_THREADS, why=THREADS_WHY)
     #: auto | cpu | cuda. auto takes the GPU of this process's local rank when CUDA is available.
     device: str = _choice("auto", DEVICES)
     #: Seconds a collective may wait for the other ranks before the job fails (init_process_group timeout).
-    timeout_s: float = _number(600.0, low=1)
+    timeout_s: float = _number(600.0, low=1, high=MAX_TIMEOUT_S, why=TIMEOUT_WHY)
     #: Print a progress line every N optimizer steps when stdout is not a terminal (on a terminal rank 0
     #: draws a tqdm bar instead).
     log_every_steps: int = _number(200, low=1)
@@ -242,6 +273,12 @@ class HealthConfig:
     patience: int = _number(5, low=1)
     #: Write each module's gradient norm into metrics.jsonl (`grad_flow`) every N steps (0: never).
     grad_flow_every: int = _number(0, low=0)
+    #: Optimizer steps skipped in a row (non-finite gradients, explosions under on_explosion=skip, windows
+    #: without loss items) after which the run stops as diverged (summary `stopped: diverged`, exit 3)
+    #: with a snapshot of its last finite weights, instead of running on without training (0: never
+    #: stop). Under fp16 each skip also halves GradScaler's scale: 10 in a row is a scale 1024 times
+    #: smaller that still overflows.
+    max_skipped_steps: int = _number(10, low=0)
 
 
 @dataclass
@@ -442,7 +479,7 @@ def _check_fields(obj: Any, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             _check_fields(value, f"{key}.")
         elif (range_ := f.metadata.get("range")) is not None and not range_.holds(value):
-            _fail(key, value, range_.rule() if math.isfinite(value) else "must be a finite number")
+            _fail(key, value, range_.rule(value) if math.isfinite(value) else "must be a finite number")
         elif (choices := f.metadata.get("choices")) is not None and value not in choices:
             _fail(key, value, f"must be one of {', '.join(choices)}")
 
@@ -452,6 +489,8 @@ def validate_values(cfg: TrainConfig) -> None:
     the Python API."""
     _check_fields(cfg, "")
     t, o, h = cfg.trainer, cfg.optim, cfg.health
+    if not str(cfg.run_dir).strip():
+        _fail("run_dir", cfg.run_dir, "must name a directory (empty would write the run into this one)")
     if len(o.betas) != 2 or not all(Range(0, 1, open_high=True).holds(b) for b in o.betas):
         _fail("optim.betas", o.betas, "must be two numbers in [0, 1)")
     if t.early_stop_patience and not t.val_fraction:

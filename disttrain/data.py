@@ -38,13 +38,14 @@ class _Windows(Dataset):
     #: Every sample has the same targets and none is ignored: weighted by samples (disttrain.step).
     loss_items = "samples"
 
-    def __init__(self, tokens: torch.Tensor, context: int, sequence: bool = False) -> None:
+    def __init__(self, tokens: torch.Tensor, context: int, sequence: bool = False, source: str = "") -> None:
+        _check_windows(source or f"data: {len(tokens)} tokens", len(tokens), context)
         self.tokens = tokens
         self.context = context
         self.sequence = sequence
 
     def __len__(self) -> int:
-        return len(self.tokens) - self.context
+        return max(0, len(self.tokens) - self.context)
 
     def __getitem__(self, i: int) -> Sample:
         row = self.tokens[i : i + self.context + 1]
@@ -55,6 +56,14 @@ class _Windows(Dataset):
         idx = torch.as_tensor(indices).unsqueeze(1) + torch.arange(self.context + 1)
         rows = self.tokens[idx]
         return list(zip(rows[:, :-1], rows[:, 1:] if self.sequence else rows[:, -1], strict=True))
+
+
+def _check_windows(source: str, tokens: int, context: int) -> None:
+    """A token stream too short for one window: len() would be negative (a traceback from len()) or 0."""
+    if tokens <= context:
+        raise ConfigError(
+            f"{source}: makes no sample: one sample is a window of data.context + 1 = {context + 1} tokens"
+        )
 
 
 class TokenCorpus(_Windows):
@@ -73,6 +82,7 @@ class TokenCorpus(_Windows):
         seed: int = 0,
         sequence: bool = False,
     ) -> None:
+        _check_windows(f"data.num_tokens={num_tokens}", num_tokens, context)
         rng = np.random.default_rng(seed)
         successors = rng.integers(0, vocab_size, size=(vocab_size, branching))
         weights = 0.5 ** np.arange(branching)
@@ -94,7 +104,8 @@ class TextFile(_Windows):
         if vocab_size != 256:
             raise ValueError(f"TextFile reads bytes: vocab_size must be 256, not {vocab_size}")
         data = Path(path).read_bytes()
-        super().__init__(torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), context, sequence)
+        tokens = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+        super().__init__(tokens, context, sequence, f"data.path={path!r} ({len(tokens)} bytes)")
         self.vocab_size = 256
 
 
@@ -352,7 +363,37 @@ class InProcessLoader:
         fetch = getattr(self.dataset, "__getitems__", None)
         dataset, collate_fn, indices = self.dataset, self.collate_fn, iter(self.sampler)
         while chunk := list(itertools.islice(indices, self.batch_size)):
-            yield collate_fn(fetch(chunk) if fetch else [dataset[i] for i in chunk])
+            samples = fetch(chunk) if fetch else [dataset[i] for i in chunk]
+            try:
+                batch = collate_fn(samples)
+            except RuntimeError:
+                unlike = unlike_samples(chunk, samples)
+                if unlike is None:
+                    raise
+                raise ConfigError(unlike) from None
+            yield batch
+
+
+def unlike_samples(indices: list[int], samples: list[Any]) -> str | None:
+    """Why samples failed to stack into a batch, naming the first two whose tensor shapes differ (None if
+    none do: the failure is another one)."""
+    from disttrain.step import map_tensors
+
+    def shapes(sample: Any) -> list[tuple[int, ...]]:
+        found: list[tuple[int, ...]] = []
+        map_tensors(lambda t: found.append(tuple(t.shape)), sample)
+        return found
+
+    first = shapes(samples[0])
+    for index, sample in zip(indices[1:], samples[1:], strict=True):
+        if (other := shapes(sample)) != first:
+            one, two = next(((a, b) for a, b in zip(first, other, strict=False) if a != b), (first, other))
+            return (
+                f"data: samples {indices[0]} and {index} differ in shape ({one} and {two}), so they do not "
+                "stack into one batch; make every sample the same shape (pad them), or pass a collate_fn "
+                "that pads"
+            )
+    return None
 
 
 def make_loader(

@@ -12,6 +12,8 @@ skip, warn and halve the learning rate at the same steps without exchanging a me
   usual), `skip` (no optimizer step; counted in `skipped_steps`) or `halve_lr` (clip and step; after
   `health.patience` explosions in a row the learning rate is halved for the rest of the run, and the
   count starts again). A normal step ends a streak.
+- `health.max_skipped_steps` skipped steps in a row (any cause) stop the run as diverged (the trainer
+  counts the streak in `Counters.skip_streak`): a run that no longer trains must not run on to "done".
 - Warnings come from rank 0 only, at the 1st, 2nd, 4th, 8th ... occurrence, so an explosion storm does
   not flood a SLURM log; the counters in metrics.jsonl and summary.json hold every one.
 

@@ -196,6 +196,25 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_whole_records(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Every line of a metrics.jsonl that is a whole JSON record, and how many lines are not: a torn last
+    line (a killed run's), or bytes that are not text. For reading a file as it is, as a plot does;
+    resuming rewrites the file and refuses what a kill cannot leave (read_lines)."""
+    rows, skipped = [], 0
+    for raw in path.read_bytes().splitlines():
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            skipped += 1
+    return rows, skipped
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
     atomic_write(run_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
 

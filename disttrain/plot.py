@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from disttrain.metrics import read_metrics
+from disttrain.metrics import read_whole_records
 
 PANELS = ("loss", "grad norm", "samples/s")
 
@@ -29,11 +29,24 @@ class PlotError(ValueError):
 
 
 def load_run(run_dir: Path) -> list[dict[str, Any]]:
-    if not (run_dir / "metrics.jsonl").is_file():
+    """A run's metrics, every whole line of them; lines that are not (a killed run's torn last line,
+    damaged bytes) are left out and counted in one line on stderr."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
         raise PlotError(
             f"{run_dir}: no metrics.jsonl (not a run directory, or the run has not logged a step)"
         )
-    rows = read_metrics(run_dir)
+    try:
+        rows, skipped = read_whole_records(path)
+    except OSError as e:
+        raise PlotError(f"{path}: unreadable ({e.strerror or e})") from None
+    if skipped:
+        lines = f"{skipped} line{'s' if skipped > 1 else ''}"
+        print(
+            f"disttrain plot: {path}: skipped {lines} that {'are' if skipped > 1 else 'is'} not a whole "
+            f"JSON record (a killed run's torn last line, or damaged bytes); plotted {len(rows)}",
+            file=sys.stderr,
+        )
     if not any("loss" in r for r in rows):
         raise PlotError(f"{run_dir}: metrics.jsonl holds no training step yet")
     return rows

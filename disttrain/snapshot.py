@@ -338,6 +338,14 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _discard(path: Path | None) -> None:
+    """_remove on the way out of a failed write: a directory that refused the write (read-only, gone)
+    may refuse the removal too, and that second error must not hide the first, the one reported."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            _remove(path)
+
+
 def _slow_write_for_tests() -> None:
     if seconds := os.environ.get(TEST_SLOW_WRITE):
         time.sleep(float(seconds))
@@ -466,7 +474,7 @@ class SnapshotStore:
                         self._dir_made = True
                     save_fast(shared, shared_file)
                 except OSError as e:
-                    shared_file.unlink(missing_ok=True)
+                    _discard(shared_file)
                     failure = (final.name, f"rank 0: {e}")
             if failure is None:
                 manifest = {
@@ -497,8 +505,11 @@ class SnapshotStore:
         commit may have failed; a rank writing alone would wait forever for the others); the failure,
         the same on every rank, else None."""
         if self.env.is_main and failure is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _remove(directory)  # what a killed earlier attempt at this step left
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                _remove(directory)  # what a killed earlier attempt at this step left
+            except OSError as e:
+                failure = (name, f"rank 0: {e}")
         failure = self._broadcast(failure)
         if failure is not None:
             return failure
@@ -574,10 +585,8 @@ class SnapshotStore:
             _slow_write_for_tests()
             self._commit(staging, final, manifest)
         except OSError as e:
-            _remove(staging)
-            shared_file.unlink(missing_ok=True)
-            if sharded_dir is not None:
-                _remove(sharded_dir)
+            for leftover in (staging, shared_file, sharded_dir):
+                _discard(leftover)
             self._commit_failure = (final.name, f"rank 0: {e}")
             return
         self._good.add(manifest["step"])

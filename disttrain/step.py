@@ -212,18 +212,50 @@ class DefaultStep:
         # an AttributeError raised and caught, 5-7 us a micro-batch in the loop.
         self.shifts_labels = _shifts_labels(model)
         self.loss_fn, self.count = (loss_fn, None) if loss_fn is not None else LOSSES[loss]
+        self.loss_name = callable_name(loss_fn) if loss_fn is not None else loss
         if loss_items == "samples":
             self.count = None
+        #: Whether the output and target shapes of a pair batch have been checked (on the first one).
+        self.shapes_checked = False
 
     def __call__(self, model: nn.Module, batch: Any) -> StepOutput:
         # The pair first: the commonest batch, and a cheaper test than Mapping's (an abstract class).
         if isinstance(batch, (tuple, list)) and len(batch) == 2:
             inputs, target = batch
             items = self.count(target) if self.count is not None else None
-            return StepOutput(self.loss_fn(model(inputs), target), items)
+            out = model(inputs)
+            if not self.shapes_checked:
+                self.check_shapes(out, target)
+            return StepOutput(self.loss_fn(out, target), items)
         if isinstance(batch, Mapping):
             return StepOutput(loss_of(model(**batch)), label_items(batch, self.shifts_labels))
         return StepOutput(loss_of(model(batch)))
+
+    def check_shapes(self, out: Any, target: Any) -> None:
+        """An output and a target the loss would broadcast into another shape ([B, 1] against [B]: a
+        [B, B] loss) train on a wrong loss without an error: refused in one line. mse needs equal
+        shapes; a loss_fn of the user's, shapes that broadcast to more elements than either holds
+        (cross-entropy's [B, C] against [B] does not broadcast, and is left alone)."""
+        self.shapes_checked = True
+        if not isinstance(out, torch.Tensor) or not isinstance(target, torch.Tensor):
+            return
+        if self.loss_fn is cross_entropy or out.shape == target.shape:
+            return
+        try:
+            joint = torch.broadcast_shapes(out.shape, target.shape)
+        except RuntimeError:
+            if self.loss_fn is not mse:
+                return  # (a loss of the user's that takes unlike shapes, as cross-entropy does)
+            joint = None
+        grows = joint is None or joint.numel() > max(out.numel(), target.numel())
+        if self.loss_fn is not mse and not grows:
+            return
+        how = f"would broadcast to {tuple(joint)}" if joint is not None else "do not match"
+        raise ConfigError(
+            f"loss: the model's output of shape {tuple(out.shape)} and the target of shape "
+            f"{tuple(target.shape)} {how} in {self.loss_name}; make them the same shape (e.g. squeeze the "
+            "output's last dimension, or give the target one)"
+        )
 
 
 def as_step_output(result: Any) -> StepOutput:
@@ -253,6 +285,9 @@ def describe(batch: Any) -> str:
     if isinstance(batch, Mapping):
         return f"a dict with keys {', '.join(map(str, batch))}"
     if isinstance(batch, (tuple, list)):
+        if batch and all(isinstance(t, torch.Tensor) for t in batch):
+            shapes = ", ".join(str(tuple(t.shape)) for t in batch)
+            return f"a {type(batch).__name__} of {len(batch)} tensors of shapes {shapes}"
         return f"a {type(batch).__name__} of {len(batch)}"
     return f"a {type(batch).__name__}"
 

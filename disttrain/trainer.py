@@ -39,6 +39,7 @@ from disttrain.config import (
     TrainConfig,
     accumulate_for,
     checked,
+    describe_exception,
     resolve_strategy,
     resume_mismatch,
     to_dict,
@@ -93,8 +94,28 @@ def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
     )
 
 
+def check_model(model: Any, key: str = "model") -> None:
+    """What the Trainer trains must be a module with something to train: anything else fails later, deep
+    inside the optimizer or the strategy, in a traceback that does not name it."""
+    if not isinstance(model, nn.Module):
+        made = "returned" if "_target_" in key else "is"
+        raise ConfigError(f"{key}: {made} a {class_name(model)}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(
+            f"{key}: {class_name(model)} has no parameters that require grad, so there is nothing to train"
+        )
+    for name, p in model.named_parameters():
+        if p.numel() == 0:  # a layer of width 0: its first batch would fail on shapes that do not fit
+            raise ConfigError(f"{key}: parameter {name} of shape {tuple(p.shape)} has no elements")
+
+
 def _check_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """An optimizer built over another model's parameters would step those and train nothing."""
+    """An optimizer built over another model's parameters would step those and train nothing; one with a
+    learning rate that is not a finite number would make every parameter NaN at its first step."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if lr is not None and not math.isfinite(float(lr)):
+            raise ConfigError(f"optimizer: param group {i} has lr={float(lr)!r}: must be a finite number")
     own = {id(p) for p in model.parameters()}
     held = [p for group in optimizer.param_groups for p in group["params"]]
     foreign = sum(id(p) not in own for p in held)
@@ -157,6 +178,8 @@ class Counters:
     explosion_streak: int = 0
     #: Times health.on_explosion=halve_lr halved the learning rate.
     lr_halvings: int = 0
+    #: Optimizer steps skipped in a row, up to the latest step (health.max_skipped_steps acts on it).
+    skip_streak: int = 0
     #: The wandb run this run logs to (rank 0's; "" without logger=wandb): a resumed job continues it.
     wandb_run_id: str = ""
 
@@ -265,6 +288,7 @@ class Trainer:
         world_size = env.world_size if env is not None else placement().world_size
         self.cfg = cfg = checked(cfg or TrainConfig(), world_size)
         t = cfg.trainer
+        check_model(model)
         _check_optimizer(optimizer, model)
         self.callbacks = Callbacks(callbacks)
         #: The events that fire every step, looked up once (an event without handlers costs a test).
@@ -345,6 +369,9 @@ class Trainer:
         self._spare: Any = None  # this rank's latest micro-batch, the stuff of a filler (_filler)
         #: The latest step's gradient norm, before clipping (callbacks read it: RunView.metrics).
         self.grad_norm = math.nan
+        self._fitted = False
+        #: Why the run diverged (the skipped steps, or the parameters that are not finite), if it did.
+        self._diverged = ""
         seed_everything(t.seed + self.env.rank)
 
     def _wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, nn.Module]:
@@ -404,6 +431,16 @@ class Trainer:
 
         The run dir is this job's while fit() runs (runlock): rank 0 takes its lock unless this process
         or its launcher holds it already; another job on it is refused in one line on every rank."""
+        if self._fitted:
+            # A second fit() would find its process group torn down, its wrapper gone and its schedule
+            # built for the first limit: a new Trainer on the same run_dir resumes exactly instead.
+            c = self.counters
+            raise ConfigError(
+                f"Trainer.fit(): this Trainer has trained already (to step {c.step}, "
+                f"{self._stop_reason or 'ended by an error'}); to train further, build a new Trainer with "
+                "the raised trainer.max_steps or max_epochs on the same run_dir: it resumes from its snapshot"
+            )
+        self._fitted = True
         clean = False
         release = lambda: None  # noqa: E731
         try:
@@ -445,9 +482,25 @@ class Trainer:
         self._log_summed_losses()  # (a snapshot has logged them all already; no rank waits on this)
         self.snapshots.wait()
         self.metrics.close()
+        if self._diverged and self.env.is_main:
+            log.error("%s", self._diverged_line())
         summary = self._summary(time.perf_counter() - start)
         self.callbacks.fire("on_fit_end", self.run_view, summary)
         return summary
+
+    def _diverged_line(self) -> str:
+        """The one line of a run that stopped because it no longer trains: why, and what it left."""
+        c = self.counters
+        if self._snapshot_step == c.step:
+            kept = f"snapshot {step_dir_name(c.step)} written"
+            if c.skip_streak:
+                kept += f" (the weights of step {c.step - c.skip_streak}, the last step taken)"
+        else:
+            kept = f"not written as a snapshot; {self.snapshots.newest_good()}"
+        return (
+            f"diverged at step {c.step}: {self._diverged}; {kept}; run dir {self.run_dir}; lower optim.lr "
+            "(or fix the data) and run the same command to resume"
+        )
 
     def _hold_run_dir(self) -> Any:
         """Rank 0 takes the run dir's lock; every rank hears whether it could (a refused rank 0 alone
@@ -578,15 +631,37 @@ class Trainer:
                 c.epoch, c.samples_in_epoch = c.epoch + 1, 0
             if epoch_done or (val_every and c.step % val_every == 0):
                 self._validate()
+            if result.verdict.apply:
+                c.skip_streak = 0
+            else:
+                c.skip_streak += 1
+                self._check_skips(result)
             stopping = self._should_stop()
             if epoch_done or stopping or (snapshot_every and c.step % snapshot_every == 0):
                 self._save_snapshot()
+                stopping = stopping or self._should_stop()  # parameters that are not finite stop the run
             if epoch_done:  # (the snapshot has logged every step's loss: _epoch_loss is whole)
                 seconds = time.perf_counter() - epoch_start
                 self._print_epoch(self._epoch_loss / epoch_steps, seconds, epoch_steps)
                 self.callbacks.fire("on_epoch_end", self.run_view)
             if stopping or epoch_done:
                 return
+
+    def _check_skips(self, result: StepResult) -> None:
+        """health.max_skipped_steps steps skipped in a row: the run no longer trains, and stops as diverged.
+        Every rank counts the same skips (the verdicts come from all-reduced values), so every rank
+        stops at the same step without a message."""
+        limit, streak = self.cfg.health.max_skipped_steps, self.counters.skip_streak
+        if not limit or streak < limit:
+            return
+        if not math.isfinite(result.grad_norm):
+            why = f"non-finite gradients, norm {result.grad_norm}"
+        elif result.verdict.explosion:
+            why = "gradient explosions under health.on_explosion=skip"
+        else:
+            why = "windows without loss items"
+        self._diverged = f"{streak} steps in a row skipped ({why}; health.max_skipped_steps={limit})"
+        self._stop_reason = "diverged"
 
     def _micro_batches(self, size: int, rank: int) -> int:
         """Micro-batches rank `rank` holds of a window of `size` samples on all ranks: its share of them,
@@ -759,16 +834,58 @@ class Trainer:
             return as_step_output(self.step(self.model, batch))
 
     def _first_step(self, batch: Any) -> StepOutput:
-        """_run_step on the run's first micro-batch: a model that cannot take the batch is one line."""
+        """_run_step on the run's first micro-batch: a model or step that cannot take the batch (shapes
+        that do not fit, a wrong type) is one line naming the batch and the innermost module that was
+        running, before any optimizer step."""
+        running: list[str] = []  # the modules whose forward has begun and not returned
+        names = {id(m): f"{name} ({type(m).__name__})" for name, m in self.module.named_modules()}
+
+        def enter(module: nn.Module, _: Any) -> None:
+            if id(module) in names:
+                running.append(names[id(module)])
+
+        def leave(module: nn.Module, _: Any, __: Any) -> None:
+            if id(module) in names and running:
+                running.pop()
+
+        # Hooks on every module for this one call (not under torch.compile, which would trace them).
+        watch = not self.cfg.trainer.compile
+        hooks = []
+        if watch:
+            hooks = [
+                nn.modules.module.register_module_forward_pre_hook(enter),
+                nn.modules.module.register_module_forward_hook(leave),
+            ]
         try:
             with self._autocast():
                 out = as_step_output(self.step(self.model, batch))
+        except ConfigError:
+            raise
         except TypeError as e:
             if not isinstance(self.step, DefaultStep):
-                raise
+                raise self._first_step_error(batch, running, e) from None
             raise ConfigError(f"batch: calling the model with {describe(batch)} failed: {e}") from None
+        except Exception as e:
+            raise self._first_step_error(batch, running, e) from None
+        finally:
+            for hook in hooks:
+                hook.remove()
         self._first_step_checked = True
         return out
+
+    def _first_step_error(self, batch: Any, running: list[str], e: Exception) -> ConfigError:
+        # The root module's name is empty: " (Linear)" is then the model itself.
+        where = ""
+        if running:
+            where = (
+                f" in module {running[-1]}"
+                if not running[-1].startswith(" ")
+                else f" in the model{running[-1]}"
+            )
+        what = "the model" if isinstance(self.step, DefaultStep) else f"step {callable_name(self.step)}"
+        return ConfigError(
+            f"step 1: {what} failed on the first batch ({describe(batch)}){where}: {describe_exception(e)}"
+        )
 
     def _rescale_by_items(self, counts: list[Any], whole: bool) -> torch.Tensor:
         """The window's loss items on all ranks; the gradients (of sums over items) become those of the
@@ -870,8 +987,36 @@ class Trainer:
         self.callbacks.fire("on_validation_end", self.run_view, metrics)
 
     # -- snapshots ----------------------------------------------------------------------------------------
+    def _nonfinite_state(self) -> str | None:
+        """The name of the first parameter or floating-point buffer (BatchNorm's running statistics, which
+        every forward moves, skipped steps' too) holding a NaN or an infinity, else None; the same answer
+        on every rank: the ranks agree (sharded parameters are each rank's own shards, and BatchNorm's
+        statistics move with each rank's own batches), or one rank would snapshot alone and wait forever."""
+        names, flags = [], []
+        tensors = itertools.chain(self.module.named_parameters(), self.module.named_buffers())
+        for name, t in tensors:
+            if not t.is_floating_point():
+                continue
+            local = t.to_local() if hasattr(t, "to_local") else t
+            names.append(name)
+            flags.append(torch.isfinite(local.detach()).all())
+        if not flags:
+            return None
+        finite = torch.stack(flags).to(torch.int32)
+        if self.env.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        bad = (finite == 0).nonzero()
+        return names[int(bad[0])] if len(bad) else None
+
     def _save_snapshot(self) -> None:
         c = self.counters
+        if (bad := self._nonfinite_state()) is not None:
+            # The newest snapshot is what a resume starts from: weights that are not finite would make
+            # every later attempt train nothing. The run stops as diverged instead.
+            why = f"the model's state is not finite (the first: {bad})"
+            self._diverged = f"{self._diverged}; {why}" if self._diverged else why
+            self._stop_reason = "diverged"
+            return
         self._log_summed_losses()  # every rank is at this step; the counters hold its loss
         self.metrics.flush()  # every line up to this step reaches the file before the snapshot does
         shared = {
@@ -978,7 +1123,10 @@ class Trainer:
         if self.progress is not None:
             self.progress.close()
         if self.wandb is not None:
-            self.wandb.finish(0 if clean else 1, preempted=self._stop_reason.startswith("stopped by signal"))
+            ended_well = clean and not self._diverged
+            self.wandb.finish(
+                0 if ended_well else 1, preempted=self._stop_reason.startswith("stopped by signal")
+            )
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,19 +38,24 @@ from disttrain.config import (
 from disttrain.data import one_sample_micro_batches, training_splits
 from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError, freeze_config, newest_snapshot
-from disttrain.trainer import Trainer, check_tail_for_batchnorm, make_optimizer
+from disttrain.trainer import Trainer, check_model, check_tail_for_batchnorm, make_optimizer
 
 log = logging.getLogger("disttrain")
 
 #: Signals that mean "stop soon": SIGTERM (torchrun, SLURM at the time limit, preemption) and the
 #: warning signal the sbatch script asks for (USR2 by default; USR1 too, for clusters configured so).
 #: SIGINT (Ctrl-C) too; a second one, in a process that owns its terminal, means "stop now" (StopNow).
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+#: SIGHUP too: the terminal closed or the ssh session dropped, the commonest way an interactive run ends.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 #: Set by `disttrain launcher=torchrun|multinode` for its workers: its pid. A worker then dies with its
 #: torchrun, which dies with the launcher (PR_SET_PDEATHSIG): a launcher killed with SIGKILL leaves no
 #: worker training on as an orphan in a run dir whose lock went with the launcher.
 LAUNCHER_PID_ENV = "DISTTRAIN_LAUNCHER_PID"
+
+#: The exit code of a run that stopped because it no longer trained (summary `stopped: diverged`): not 0,
+#: since it is not done, and not 1 or 2, so that a script can tell it from a crash or a refused config.
+DIVERGED_EXIT = 3
 
 
 def read_config(path: Path) -> TrainConfig:
@@ -72,7 +78,10 @@ def build(key: str, spec: dict[str, Any]) -> Any:
     """`instantiate(spec)`, with a failure of the user's code in one line naming the `_target_`, the
     exception and where it was raised (hydra's own message spans lines and repeats the config)."""
     try:
-        return instantiate(spec)
+        with warnings.catch_warnings():
+            # A layer of width 0 warns while it is built; check_model then refuses it in one line.
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            return instantiate(spec)
     except Exception as e:
         cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
         if isinstance(cause, ConfigError):  # the class refused its own arguments: its line says why
@@ -111,6 +120,7 @@ def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) ->
     dataset = build("data", cfg.data) if dataset is None else dataset
     torch.manual_seed(cfg.trainer.seed)
     model = build("model", cfg.model)
+    check_model(model, f"model._target_={cfg.model.get('_target_')!r}")
     step = instantiate(cfg.step, _partial_=True) if cfg.step else None
     callbacks = {name: build(f"callbacks.{name}", spec) for name, spec in cfg.callbacks.items() if spec}
     optimizer = make_optimizer(cfg.optim, model)
@@ -186,6 +196,12 @@ def stopped_now_line(run_dir: Path) -> str:
     return f"stopped now by a second SIGINT: {kept}; run the same command to resume"
 
 
+def diverged(summary: dict[str, Any]) -> bool:
+    """Whether the run stopped because it no longer trained (health.max_skipped_steps, or parameters
+    that are not finite): the trainer has said why in one line."""
+    return summary.get("stopped") == "diverged"
+
+
 def stopped_by(summary: dict[str, Any]) -> signal.Signals | None:
     """The signal that stopped a run, from its summary; None if it ended otherwise."""
     reason = str(summary.get("stopped", ""))
@@ -220,10 +236,18 @@ def finish(summary: dict[str, Any]) -> int:
     that cannot happen (no scontrol, a job that is not requeueable) is exit 1 with one line: the run is
     not done, and must not look done.
     """
+    where = placement()
+    if diverged(summary):
+        # Under `disttrain launcher=torchrun` the launcher reads it from summary.json, as it reads a stop
+        # (a failed worker would make torchrun restart a group that diverges again). Inside a SLURM job
+        # nothing reads it: the job itself must end not done.
+        if where.launched_by == "torchrun" and slurm_job_to_requeue() is None:
+            return 0
+        return DIVERGED_EXIT
     stopped = stopped_by(summary)
     if stopped is None:
         return 0
-    where, job = placement(), slurm_job_to_requeue()
+    job = slurm_job_to_requeue()
     if job is None:
         if where.rank == 0:
             print(stop_line(summary), file=sys.stderr, flush=True)
@@ -283,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SnapshotError, BuildError, CallbackError) as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
-    if where.local_rank == 0 and stopped_by(summary) is None:
+    if where.local_rank == 0 and stopped_by(summary) is None and not diverged(summary):
         # One line per node: each machine's log shows it finished, and with which parameters.
         steps, sha = summary["steps"], summary["params_sha256"]
         print(f"disttrain: rank {where.rank} done: {steps} steps, params_sha256 {sha}", flush=True)

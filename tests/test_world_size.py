@@ -225,7 +225,15 @@ def test_a_snapshot_from_before_the_global_position_resumes_on_its_world_size(tm
     assert f"resumed from {run_dir}/snapshots/step_00000003 (epoch 0, step 3)" in resumed.stderr
     straight = disttrain(*job, f"run_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
-    assert summary(run_dir)["params_sha256"] == summary(tmp_path / "straight")["params_sha256"]
+    # The stored snapshot's weights were computed on another machine, whose CPU float kernels may differ
+    # from this one's in the last bits: bit-for-bit equality holds only between runs made here. A resume
+    # that lost or repeated a sample, or restarted its epoch, moves the weights by far more than fp32
+    # rounding does over the remaining SGD steps.
+    resumed_weights, straight_weights = (
+        list_snapshots(d / "snapshots")[0].load_shared()["model"] for d in (run_dir, tmp_path / "straight")
+    )
+    assert summary(run_dir)["steps"] == summary(tmp_path / "straight")["steps"]
+    torch.testing.assert_close(resumed_weights, straight_weights, rtol=1e-5, atol=1e-6)
 
 
 def test_an_elastic_job_that_loses_a_host_continues_on_the_other(

@@ -9,16 +9,21 @@ import shlex
 import sys
 
 from disttrain.compose import write_run_files
-from disttrain.config import ConfigError, TrainConfig, TrainerConfig
+from disttrain.config import MAX_THREADS, THREADS_WHY, ConfigError, TrainConfig, TrainerConfig
 
 
 def device_preflight(trainer: TrainerConfig, processes: int) -> None:
-    """CUDA, GPUs for `processes` workers on this node, and bf16, as the config asks for them."""
-    if trainer.device == "cpu":
-        return  # bf16 and fp16 autocast both run on CPU; only a GPU can lack them
+    """CUDA, GPUs for `processes` workers on this node, and bf16, as the config asks for them; CPU workers
+    no more than the cores take."""
     import torch
 
-    have = torch.cuda.device_count()
+    have = torch.cuda.device_count() if trainer.device != "cpu" else 0
+    if not have and processes > MAX_THREADS:
+        raise ConfigError(
+            f"launcher.nproc_per_node={processes}: CPU workers must be at most {MAX_THREADS} ({THREADS_WHY})"
+        )
+    if trainer.device == "cpu":
+        return  # bf16 and fp16 autocast both run on CPU; only a GPU can lack them
     if trainer.device == "cuda" and not have:
         raise ConfigError(f"trainer.device={trainer.device!r}: CUDA is not available on this machine")
     if have and processes > have:
@@ -31,7 +36,7 @@ def device_preflight(trainer: TrainerConfig, processes: int) -> None:
 
 def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
     from disttrain.runlock import hold
-    from disttrain.worker import build_dataset, stop_line, stopped_by, train
+    from disttrain.worker import DIVERGED_EXIT, build_dataset, diverged, stop_line, stopped_by, train
 
     if cfg.launcher.dry_run:
         print(shlex.join([sys.executable, "-m", "disttrain", *overrides]))
@@ -43,6 +48,8 @@ def run_local(cfg: TrainConfig, overrides: list[str]) -> int:
     if (signum := stopped_by(summary)) is not None:
         print(stop_line(summary), file=sys.stderr, flush=True)
         return 128 + signum
+    if diverged(summary):  # the trainer's line has said why; it is not done
+        return DIVERGED_EXIT
     print(
         f"done: {summary['steps']} steps ({summary['stopped']}), final loss {summary['final_loss']:.4f}, "
         f"run dir {cfg.run_dir}"

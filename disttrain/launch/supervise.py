@@ -6,7 +6,7 @@ job; the `disttrain` process stays their parent, the one a user or a scheduler s
   each worker in a session of its own, so the workers never get the terminal's signals; a torchrun
   signalled itself forwards the signal to its workers, then raises and prints a traceback, and a second
   signal during that cuts its wait for the workers short.)
-- A stop signal (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) goes to each worker as soon as its stop handlers
+- A stop signal (SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2) goes to each worker as soon as its stop handlers
   are in place (SigCgt in /proc/PID/status: a worker still importing would die of it, and torchrun
   would count a crash, or restart it), also to workers a torchrun restart starts later. The workers
   agree on a step, snapshot and exit 0 (worker.finish), torchrun exits 0, and this process exits
@@ -32,7 +32,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from disttrain.worker import LAUNCHER_PID_ENV, STOP_SIGNALS, stopped_by, stopped_now_line
+from disttrain.worker import (
+    DIVERGED_EXIT,
+    LAUNCHER_PID_ENV,
+    STOP_SIGNALS,
+    diverged,
+    stopped_by,
+    stopped_now_line,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -87,6 +94,8 @@ def supervise(cmd: list[str], env: dict[str, str], run_dir: Path) -> int:
     summary = _summary_since(run_dir, started) if code == 0 else None
     if summary is not None and (signum := stopped_by(summary)) is not None:
         return 128 + signum
+    if summary is not None and diverged(summary):
+        return DIVERGED_EXIT
     if stops.signum and proc.pid in told:
         name = signal.Signals(stops.signum).name
         print(
