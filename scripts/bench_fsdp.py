@@ -162,8 +162,8 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
 
     class Measures:
         """The clock and the memory, read through the public events: the clock at the start and at each
-        step's end (one step period between two reads), the gradients as they are held once final (after backward and
-        FSDP's reduce-scatter), and on CUDA the allocator's peak over each step."""
+        step's end (one step period between two reads), the gradients as they are held once final
+        (after backward and FSDP's reduce-scatter), and on CUDA the allocator's peak over each step."""
 
         def on_fit_start(self, run: Any) -> None:
             clock.tick()  # the first step's start: the compile step is the first period
