@@ -663,7 +663,7 @@ def _validate_launcher(launcher: LauncherConfig) -> None:
 #: Config keys a resumed run must share with the run that wrote the snapshot: change any of them and
 #: the snapshot no longer describes this run (shapes, data order, or the meaning of a step differ). The
 #: number of processes, the micro-batch size and accumulation may change, as long as the global batch
-#: (samples per optimizer step) stays: the data position is global (DESIGN.md).
+#: (samples per optimizer step) stays: the data position is global (docs/design.md, contract 3).
 RESUME_KEYS = (
     "model",
     "data",

@@ -339,8 +339,8 @@ class InProcessLoader:
     The sampler's indices in chunks of `batch_size` (the last one shorter), each chunk fetched with the
     dataset's `__getitems__` where it has one, else one `dataset[i]` per index, then collated: the same
     batches in the same order. What it leaves out is what a batch fetched in the training process does
-    not need: a profiler range around every batch and the iterator's bookkeeping (10 us a batch timed
-    alone, 10-13 us of a tiny model's step in the training loop: a quarter of the Trainer's own cost).
+    not need: a profiler range around every batch and the iterator's bookkeeping (on a small model, a
+    quarter of the Trainer's own cost: docs/benchmarks.md).
     It also draws no worker seed from the global RNG, as DataLoader's iter() does without a generator."""
 
     #: DataLoader's attribute its workers are seeded from; without workers nothing reads it.

@@ -55,7 +55,7 @@ class Verdict:
     halve_lr: bool
 
 
-#: The verdict of almost every step, made once (a frozen dataclass costs 1-2 us to build, each step).
+#: The verdict of almost every step, made once (building a frozen dataclass each step costs a little).
 HEALTHY = Verdict(apply=True, explosion=False, halve_lr=False)
 
 

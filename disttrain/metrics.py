@@ -97,8 +97,8 @@ class MetricsLog:
     redo), so the file holds every step exactly once, as if the run had never stopped.
 
     Records are kept and reach the file every FLUSH_SECONDS, and whenever the trainer snapshots (so a
-    kill loses only lines that resume drops anyway): encoding and writing a line at every step cost
-    14-20 us a step in the training loop (3.5 us in a loop of its own, where the caches stay warm).
+    kill loses only lines that resume drops anyway): encoding and writing a line at every step would
+    be a visible part of a small model's step (docs/benchmarks.md).
     A record must not be changed once written."""
 
     FLUSH_SECONDS = 1.0

@@ -112,8 +112,8 @@ def write_file(path: Path, write: Callable[[BinaryIO], Any], durable: bool = Tru
 
 
 def save_fast(obj: Any, path: Path) -> None:
-    """torch.save to a path name: torch's own file writer, as fast as a bare torch.save, and 60 us
-    faster on a small state than writing through a Python file object. It reports a failed write
+    """torch.save to a path name: torch's own file writer, as fast as a bare torch.save, and faster on a
+    small state than writing through a Python file object. It reports a failed write
     without its reason, so a failure is written once more through write_file, which raises the OSError
     with its errno (or succeeds, and the file is whole)."""
     try:

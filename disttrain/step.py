@@ -107,7 +107,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
         inputs, target = batch
         if type(inputs) is torch.Tensor and type(target) is torch.Tensor:
             # The common batch, (inputs, target), moved as a hand-written loop moves it: the walk
-            # (map_tensors: a call per node and per tensor) cost 3-4 us a step in the training loop.
+            # (map_tensors: a call per node and per tensor) is the Trainer's cost, not the user's.
+            # (What it cost: docs/benchmarks.md.)
             return type(batch)((inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)))
     return map_tensors(lambda t: t.to(device, non_blocking=True), batch)
 
@@ -120,8 +121,8 @@ def take(batch: Any, n: int) -> Any:
 def num_samples(batch: Any) -> int:
     """The batch's samples: the leading dimension of its first batched tensor."""
     first = batch[0] if type(batch) in (list, tuple) and batch else batch
-    if type(first) is torch.Tensor and first.dim():  # (inputs, target): no walk (3-4 us a step in the loop)
-        return first.shape[0]  # (len() of a tensor is a Python function of torch's: 1-2 us in the loop)
+    if type(first) is torch.Tensor and first.dim():  # (inputs, target): no walk over the structure
+        return first.shape[0]  # (not len(): for a tensor it is a Python function of torch's, every step)
     sizes: list[int] = []
     map_tensors(lambda t: sizes.append(len(t)) if t.dim() else None, batch)
     if not sizes:
@@ -134,8 +135,8 @@ def num_samples(batch: Any) -> int:
 
 def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over the targets that are not -100 (class indices, any shape: one per sample or per token)."""
-    # (N, C) fp32 logits and (N,) targets, the classifier's shapes, need no flatten or cast (each a call
-    # into torch that returns its input: 1-2 us a step together).
+    # (N, C) fp32 logits and (N,) targets, the classifier's shapes, need no flatten or cast: each would be
+    # a call into torch, every step, that returns its input.
     if out.dim() != 2:
         out = out.flatten(0, -2)
     if out.dtype != torch.float32:
@@ -208,8 +209,8 @@ class DefaultStep:
     ) -> None:
         if loss_items not in ("samples", "targets"):
             raise ConfigError(f"data: loss_items={loss_items!r}: must be 'samples' or 'targets'")
-        # Read once from the user's module, unwrapped: hasattr() on a module without the attribute costs
-        # an AttributeError raised and caught, 5-7 us a micro-batch in the loop.
+        # Read once from the user's module, unwrapped: hasattr() on a module without the attribute raises
+        # and catches an AttributeError, which every micro-batch would pay.
         self.shifts_labels = _shifts_labels(model)
         self.loss_fn, self.count = (loss_fn, None) if loss_fn is not None else LOSSES[loss]
         self.loss_name = callable_name(loss_fn) if loss_fn is not None else loss

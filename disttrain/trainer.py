@@ -163,7 +163,7 @@ class Counters:
     epoch: int = 0
     step: int = 0
     #: Samples of the current epoch already consumed on all ranks together: the data position, the same
-    #: on any number of processes (a multiple of the global batch mid-epoch; DESIGN.md).
+    #: on any number of processes (a multiple of the global batch mid-epoch; docs/design.md, contract 3).
     samples_in_epoch: int = 0
     last_loss: float = math.nan
     last_val_loss: float = math.nan
@@ -562,7 +562,7 @@ class Trainer:
         (MAX) of [signal, steps until the next one, a callback's stop], started at a step boundary and
         read one step later while it ran in the background. Each rank proposes as many steps as take
         STOP_CHECK_SECONDS: the all-reduce runs ten times a second whatever the step time (one every
-        step cost 0.1-0.7 ms a step on gloo, 2-6% of a small DDP step; ten a second cost ~0.15%), every
+        step would be a few percent of a small DDP step on gloo: docs/benchmarks.md), every
         rank reads the same result at the same step, and they stop together at most STOP_CHECK_SECONDS
         and two steps after the signal."""
         if self.env.world_size == 1:
@@ -702,7 +702,7 @@ class Trainer:
             with NO_CONTEXT if final else self.strategy.no_sync(self.model):
                 out = self._run_step(batch)
                 batch_items = out.items
-                if batch_items is None:  # samples (no multiply for the whole window: 12 us of a small step)
+                if batch_items is None:  # samples (the whole window's mean needs no multiply, nor its cost)
                     weight = samples[i] * world / size
                     loss = out.loss * weight if weight != 1 else out.loss
                 else:
@@ -752,8 +752,8 @@ class Trainer:
         """The window of one micro-batch in one process (fp32, bf16): its mean loss is the window's, so
         there is nothing to weigh, count on other ranks or rescale, and the step is the loop a user
         writes by hand (zero_grad, forward, loss, backward, clip, step) plus the health check and the
-        numbers it reports. The general path, for the same gradients, cost 21 us more a step. The loss
-        it reports is the micro-batch's mean as the step returned it (the general path's weighted sum
+        numbers it reports: the general path gives the same gradients at a cost a small model notices. The
+        loss it reports is the micro-batch's mean as the step returned it (the general path's weighted sum
         over micro-batches, (mean × n) / n here, could differ from it in the last bit)."""
         batch = to_device(batch, self.env.device)
         out = self._run_step(batch)
@@ -764,7 +764,7 @@ class Trainer:
         flow = self._grad_flow() if self.grad_flow_every else None
         grad_norm = self._clip_gradients()
         if out.items is None:
-            if self.env.device.type == "cpu":  # (the values as they are: no list, no loop, 2-3 us)
+            if self.env.device.type == "cpu":  # (the values as they are: no list, no loop)
                 loss_value, norm_value = out.loss.item(), grad_norm.item()
             else:
                 loss_value, norm_value = self._to_host([out.loss, grad_norm])
@@ -792,13 +792,13 @@ class Trainer:
             if verdict.apply:
                 self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif verdict.apply:  # (a disabled GradScaler's step and update: two calls doing nothing, 1-2 us)
+        elif verdict.apply:  # (not a disabled GradScaler's step and update: two calls doing nothing)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if verdict.halve_lr:
             halve_lr(self.optimizer, self.scheduler)
         # A constant learning rate past its warm-up is not stepped: LambdaLR.step would set the same
-        # rate again (also after halve_lr, which halves the base too), at 8 us a step.
+        # rate again (also after halve_lr, which halves the base too), at a cost every step.
         if self.lr_moves or self.scheduler.last_epoch < self.cfg.optim.warmup_steps:
             self.scheduler.step()
         return verdict
@@ -813,8 +813,8 @@ class Trainer:
 
     def _to_host(self, values: list[Any]) -> list[float]:
         """The step's numbers (0-dim tensors, ints) as Python floats. On CUDA one transfer, the step's
-        one sync; on the CPU nothing moves, and reading each one (exactly) costs 0.3 us against 5-10 us
-        for stacking them as float64 and .tolist()."""
+        one sync; on the CPU nothing moves, and reading each one (exactly) is cheaper than stacking them
+        as float64 for one .tolist()."""
         if self.env.device.type == "cpu":  # (.item(): float() of a tensor that requires grad warns)
             return [float(v.item() if isinstance(v, torch.Tensor) else v) for v in values]
         with torch.no_grad():
@@ -825,7 +825,7 @@ class Trainer:
     def _run_step(self, batch: Any) -> StepOutput:
         """The step on one micro-batch under autocast (bf16, fp16), its result checked; the first call
         also turns a batch the model cannot be called with into one line. fp32 enters no context at all
-        (even an empty one is three calls, 2-3 us a step)."""
+        (even an empty one is three calls a step)."""
         if not self._first_step_checked:
             return self._first_step(batch)
         if self.autocast_dtype is None:
@@ -926,7 +926,7 @@ class Trainer:
         return Verdict(apply=False, explosion=verdict.explosion, halve_lr=False)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """bf16/fp16 autocast on the job's device; for fp32 none (a disabled autocast costs 5 us a step)."""
+        """bf16/fp16 autocast on the job's device; for fp32 none (a disabled one still costs its calls)."""
         if self.autocast_dtype is None:
             return NO_CONTEXT
         return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)

@@ -12,7 +12,7 @@ Tables:
             On CUDA also `torch.cuda.max_memory_allocated` over each step (activations and FSDP's
             gathered parameters included). `FSDP / DDP` is the ratio of the per-rank totals (ideal 1/2).
   step      step time of the same GPT, data, global batch and optimizer under DDP and FSDP: the
-            Trainer timed from inside one fit() (the clock read at the start of `_train_step`, a window
+            Trainer timed from inside one fit() (the clock read at each step's end by a callback, a window
             of --steps steps after --warmup untimed ones), median of interleaved repeats (A B, B A, ...);
             ratio = median of FSDP / DDP over the pairs of repeats that ran side by side.
   snapshot  what a snapshot costs the training loop (`Trainer._save_snapshot`, timed on every rank, the
@@ -160,27 +160,29 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
     clock = Clock(plan["warmup"], plan["steps"], cuda)
     seen: dict[str, int] = {"grads": 0, "peak": 0}
 
-    class Timed(Trainer):
-        def _train_step(self, window: Any, size: int) -> Any:
+    class Measures:
+        """The clock and the memory, read through the public events: the clock at the start and at each
+        step's end (one step period between two reads), the gradients as they are held once final
+        (after backward and FSDP's reduce-scatter), and on CUDA the allocator's peak over each step."""
+
+        def on_fit_start(self, run: Any) -> None:
+            clock.tick()  # the first step's start: the compile step is the first period
+
+        def on_before_optimizer_step(self, run: Any) -> None:
+            seen["grads"] = max(seen["grads"], local_bytes(p.grad for p in run.model.parameters()))
+
+        def on_step_end(self, run: Any) -> None:
             clock.tick()
             if cuda:
-                torch.cuda.reset_peak_memory_stats(env.device)
-            result = super()._train_step(window, size)
-            if cuda:
                 seen["peak"] = max(seen["peak"], torch.cuda.max_memory_allocated(env.device))
-            return result
-
-        def _clip_gradients(self) -> Any:
-            # After backward (and FSDP's reduce-scatter), before the step: the gradients as they are held.
-            seen["grads"] = max(seen["grads"], local_bytes(p.grad for p in self.module.parameters()))
-            return super()._clip_gradients()
+                torch.cuda.reset_peak_memory_stats(env.device)
 
     max_steps = plan["warmup"] + plan["steps"] + 1
     model, data, _ = build(plan, env.world_size, max_steps)
     cfg = make_config(plan, strategy, run_dir, max_steps, compile=compile_)
     if strategy != "fsdp":
         model = model.to(env.device)  # FSDP moves each shard to the device itself
-    trainer = Timed(model, make_optimizer(cfg.optim, model), data, cfg, env=env)
+    trainer = Trainer(model, make_optimizer(cfg.optim, model), data, cfg, env=env, callbacks=[Measures()])
     trainer.fit()
     out = {
         "step_s": clock.step_s(),

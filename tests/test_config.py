@@ -183,7 +183,7 @@ SMALL_DATA = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), SMALL_DATA, ids=[o[0] + o[-1] for o, _ in SMALL_DATA])
 def test_a_dataset_too_small_for_one_step_is_one_line_before_anything_starts(overrides, message, tmp_path):
-    # The empty dataset used to spin at 100% CPU forever; the timeout turns a hang into a failure.
+    # An empty dataset would never end an epoch; the timeout turns a hang into a failure.
     result = disttrain("experiment=regression", *overrides, f"run_dir={tmp_path / 'run'}", timeout=60)
     assert (result.returncode, result.stderr) == (2, f"disttrain: error: {message}\n")
     assert not (tmp_path / "run").exists()

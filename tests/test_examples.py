@@ -160,3 +160,32 @@ def test_fsdp_shards_the_model_and_exports_it_whole(tmp_path: Path) -> None:
     )
     assert check.stdout.strip().splitlines()[-1] == result["params_sha256"], check.stdout
     assert result["snapshot"] == "step_00000024"  # the newest snapshot, the one exported
+
+
+@pytest.mark.slow
+def test_your_own_callbacks_stop_the_run_keep_their_state_and_log_every_step_once(tmp_path: Path) -> None:
+    project = copy_example("callback", tmp_path)
+    first = run(project, "train.py", "--run-dir", "runs/a")
+    stopped = summary(project / "runs/a")
+    assert stopped["stopped"] == "stopped by callback stop" and stopped["steps"] < 160, first.stdout
+    assert f"stopped by callback stop at step {stopped['steps']}" in first.stdout
+    # Told never to stop, the same run dir resumes from the stop's snapshot and trains its 5 epochs.
+    again = run(project, "train.py", "--run-dir", "runs/a", "--target", "0")
+    assert f"resumed from runs/a/snapshots/step_{stopped['steps']:08d}" in again.stderr, again.stderr
+    assert summary(project / "runs/a")["steps"] == 160  # 1,024 samples in steps of 32, 5 epochs
+    rows = (project / "runs/a/steps.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, 161))
+
+
+@pytest.mark.slow
+def test_a_token_file_from_tokenize_or_prepare_trains_a_gpt(tmp_path: Path) -> None:
+    project = copy_example("token_file", tmp_path)
+    run(project, "-m", "disttrain", "tokenize", "corpus.txt", "-o", "train.bin")
+    run(project, "prepare.py", "corpus.txt", "prepared.bin")
+    # Bytes as tokens either way: the command and the nanoGPT-style script write the same file.
+    assert (project / "train.bin").read_bytes() == (project / "prepared.bin").read_bytes()
+    job = ["experiment=gpt", "data=token_file", "data.path=train.bin", "data.vocab_size=256"]
+    job += ["data.context=32", "model.n_layer=1", "trainer.max_steps=6", "trainer.val_every_steps=3"]
+    trained = run(project, "-m", "disttrain", *job, "run_dir=runs/gpt")
+    assert "done: 6 steps (max_steps)" in trained.stdout, trained.stdout
+    assert math.isfinite(summary(project / "runs/gpt")["final_val_loss"])

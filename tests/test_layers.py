@@ -1,5 +1,6 @@
-"""The package's layers import downwards only (DESIGN.md): read from the source, every import of a
-disttrain module, at module level or inside a function, points at a lower layer or the same one."""
+"""The package's layers import downwards only (docs/design.md, the layers): read from the source, every
+import of a disttrain module, at module level or inside a function, points at a lower layer or the same
+one."""
 
 from __future__ import annotations
 
