@@ -9,6 +9,7 @@ low enough.
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from callbacks import StepsCSV, StopBelow
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.01)
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
+    # disttrain logs what it decides (a resume, a callback's stop) at INFO; warnings show anyway.
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("disttrain").setLevel(logging.INFO)
     disttrain.seed_everything(0)
     model = nn.Linear(8, 1)
     cfg = TrainConfig(
