@@ -140,12 +140,13 @@ def assert_tail_like(tail_reference, run_dir: Path, lives: list[tuple[Path, int]
         torch.testing.assert_close(final_weights(run_dir)[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("world", [3, 4])
 def test_an_epoch_that_does_not_divide_trains_the_same_steps_on_any_number_of_processes(
-    tail_reference, tmp_path, world
+    tail_reference, tmp_path
 ) -> None:
+    # On 4 processes the short step's 9 samples fall 3, 2, 2, 2 (in 2, 1, 1, 1 micro-batches: fillers);
+    # 3 processes take that step in the resume below.
     run_dir = tmp_path / "run"
-    result = disttrain(*TAIL_JOB, *on(world), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log"))
+    result = disttrain(*TAIL_JOB, *on(4), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_tail_like(tail_reference, run_dir, [(tmp_path / "log", 1)])
 
@@ -164,10 +165,10 @@ def test_a_job_stopped_before_an_epochs_short_step_takes_it_on_another_number_of
     assert_tail_like(tail_reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", 9)])
 
 
-def test_drop_last_leaves_out_the_short_step_on_two_processes(tail_reference, tmp_path) -> None:
+def test_drop_last_leaves_out_the_short_step(tail_reference, tmp_path) -> None:
     run_dir = tmp_path / "run"
     result = disttrain(
-        *TAIL_JOB, *on(2), "trainer.drop_last=true", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log")
+        *TAIL_JOB, "trainer.drop_last=true", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     steps = steps_read(tmp_path / "log", 1, 24)
