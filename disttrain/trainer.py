@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
-from disttrain import runlock, sharded
+from disttrain import runlock
 from disttrain.callbacks import Callbacks, RunView
 from disttrain.config import (
     ConfigError,
@@ -1079,12 +1079,16 @@ class Trainer:
 
     def _write_shards(self, path: Path) -> None:
         assert isinstance(self.strategy, FSDPStrategy)  # the one strategy that shards parameters
+        from disttrain import sharded  # DCP's import is a large share of a worker's start: FSDP jobs only
+
         self.strategy.sync_buffers()  # rank 0's buffers, as every rank's next synchronised forward has
         sharded.save(self.model, self.optimizer, path)
 
     def _load_model_and_optimizer(self, snap: Snapshot, shared: dict[str, Any]) -> None:
         """A sharded snapshot (FSDP's) loads through DCP into any strategy, resharded to this job; a
         plain one (single/DDP/DP) loads as is, or into FSDP from rank 0's full state."""
+        from disttrain import sharded
+
         differs = f"cannot resume from {snap.path}"
         if snap.sharded:
             try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from disttrain.export import exported_state
 from disttrain.metrics import params_sha256
 from disttrain.models import CharGPT
 from disttrain.snapshot import list_snapshots
@@ -93,10 +94,22 @@ def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    out = run_dir / "exported.pt"
-    res = disttrain("export", str(run_dir), "-o", str(out))
-    assert res.returncode == 0, res.stderr
-    return torch.load(out, weights_only=True)
+    """What `disttrain export` writes (its own test runs the command), read in this process."""
+    return exported_state(run_dir)[1]
+
+
+#: The global batch is fixed (16), so the data continues exactly on any shape. A constant learning rate:
+#: a cosine schedule spans max_steps, which the first life sets to 10.
+MOVING = [*GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "optim.schedule=constant"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    """The full weights of MOVING never interrupted, under FSDP on 2 processes."""
+    run_dir = tmp_path_factory.mktemp("fsdp-reference") / "run"
+    reference = disttrain(*MOVING, *FSDP, f"run_dir={run_dir}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    return final_weights(run_dir)
 
 
 @pytest.mark.parametrize(
@@ -108,22 +121,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     ],
     ids=["ddp-to-fsdp", "fsdp-to-one-process", "fsdp-to-ddp"],
 )
-def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, first, then) -> None:
-    # The global batch is fixed (16), so the data continues exactly; the weights agree with the run
-    # never interrupted within fp32 reduction tolerance.
-    # A constant learning rate: a cosine schedule spans max_steps, which the first life sets to 10.
-    job = [*GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "optim.schedule=constant"]
-    reference = disttrain(*job, *FSDP, f"run_dir={tmp_path / 'reference'}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, fsdp_weights, first, then) -> None:
+    # The weights agree with the run never interrupted within fp32 reduction tolerance.
     run_dir = tmp_path / "run"
-    stopped = disttrain(*job, *first, "trainer.max_steps=10", f"run_dir={run_dir}")
+    stopped = disttrain(*MOVING, *first, "trainer.max_steps=10", f"run_dir={run_dir}")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    again = disttrain(*job, *then, f"run_dir={run_dir}")
+    again = disttrain(*MOVING, *then, f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr and summary(run_dir)["steps"] == 30
-    expected = final_weights(tmp_path / "reference")
     for name, tensor in final_weights(run_dir).items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tensor, fsdp_weights[name], rtol=1e-4, atol=1e-5)
 
 
 def test_export_writes_the_full_model_that_a_plain_model_loads(tmp_path) -> None:

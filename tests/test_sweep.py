@@ -4,14 +4,14 @@ the same sweep again resumes every job; bad sweeps are refused before the first 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
+from disttrain.cli import main
 from tests.clusters.slurm import SlurmCluster
 from tests.support import disttrain, summary, tree_hashes
-
-pytestmark = pytest.mark.slow  # every test here starts processes
 
 #: The torchrun tutorial's job, small: 256 samples of 20 features, batch 32, 8 steps an epoch.
 JOB = ["experiment=regression", "data.size=256", "trainer.max_epochs=1", "trainer.num_threads=1"]
@@ -25,6 +25,7 @@ def table(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.split("|")] for line in lines[1:] if "|" in line]
 
 
+@pytest.mark.slow
 def test_a_two_by_two_sweep_runs_four_jobs_and_resumes_them_all(tmp_path: Path) -> None:
     first = disttrain("-m", *JOB, *SWEPT, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -55,6 +56,7 @@ def test_a_two_by_two_sweep_runs_four_jobs_and_resumes_them_all(tmp_path: Path) 
         assert summary(sweep_dir / combo)["params_sha256"] in hashes
 
 
+@pytest.mark.slow
 def test_a_sweep_of_torchrun_jobs_runs_them_one_after_the_other(tmp_path: Path) -> None:
     result = disttrain("-m", *JOB, "launcher=torchrun", "trainer.seed=1,2", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -63,26 +65,32 @@ def test_a_sweep_of_torchrun_jobs_runs_them_one_after_the_other(tmp_path: Path) 
         assert (s["world_size"], s["steps"]) == (2, 4)  # 256 samples on 2 ranks, batch 32: 4 steps
 
 
-def test_a_sweep_with_one_bad_combination_starts_nothing(tmp_path: Path) -> None:
-    result = disttrain("-m", *JOB, "optim.lr=0.1,-1", "trainer.seed=1,2", cwd=tmp_path)
-    assert result.returncode == 2
-    assert (
-        result.stderr
-        == "disttrain: error: sweep job 3 (optim.lr=-1 trainer.seed=1): optim.lr=-1.0: must be positive\n"
+def refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """A sweep the command line refuses, in this process (nothing starts): its stderr. The CLI appends
+    the directory it runs from to sys.path, so sys.path is restored afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert main(["-m", *JOB, *args]) == 2
+    return capsys.readouterr().err
+
+
+def test_a_sweep_with_one_bad_combination_starts_nothing(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert refused(monkeypatch, capsys, "optim.lr=0.1,-1", "trainer.seed=1,2") == (
+        "disttrain: error: sweep job 3 (optim.lr=-1 trainer.seed=1): optim.lr=-1.0: must be positive\n"
     )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_sweep_whose_jobs_would_share_a_run_dir_starts_nothing(tmp_path: Path) -> None:
-    result = disttrain("-m", *JOB, "optim.lr=0.1,0.03", "run_dir=runs/one", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr == (
+def test_a_sweep_whose_jobs_would_share_a_run_dir_starts_nothing(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert refused(monkeypatch, capsys, "optim.lr=0.1,0.03", "run_dir=runs/one") == (
         "disttrain: error: sweep: jobs 1 (optim.lr=0.1) and 2 (optim.lr=0.03) would share "
         "run_dir='runs/one'; leave run_dir to the sweep, or make it depend on a swept value\n"
     )
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_sweep_submits_one_slurm_job_per_combination(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     result = disttrain(
         "-m",

@@ -75,21 +75,27 @@ def step_losses(run_dir: Path) -> tuple[list[int], list[float]]:
     return [r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize(("before", "after"), [(4, 2), (2, 1), (1, 2), (2, 4)], ids=lambda w: str(w))
-def test_a_stopped_job_continues_on_another_number_of_processes(reference, tmp_path, before, after) -> None:
+#: A chain of lives, each on another number of processes: (world size, the step it stops at; None:
+#: the end). 4 -> 2, 2 -> 1 and 1 -> 2, mid-epoch and across the epoch's end (12 steps an epoch).
+LIVES = [(4, 6), (2, 10), (1, 16), (2, None)]
+
+
+def test_a_stopped_job_continues_on_another_number_of_processes(reference, tmp_path) -> None:
     run_dir = tmp_path / "run"
-    first = disttrain(
-        *JOB, *on(before), "trainer.max_steps=6", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "1")
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = disttrain(*JOB, *on(after), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert (
-        f"resumed from {run_dir}/snapshots/step_00000006 (epoch 0, step 6, {before} -> {after} processes)"
-        in again.stderr
-    )
-    assert summary(run_dir)["world_size"] == after
-    assert_continues_like(reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", 7)])
+    lives, first_step, before = [], 1, None
+    for life, (world, stop) in enumerate(LIVES):
+        until = [] if stop is None else [f"trainer.max_steps={stop}"]
+        log = tmp_path / str(life)
+        result = disttrain(*JOB, *on(world), *until, f"run_dir={run_dir}", ORDER_LOG=str(log))
+        assert result.returncode == 0, result.stderr[-3000:]
+        if before is not None:
+            epoch = (first_step - 1) // 12
+            resumed = f"(epoch {epoch}, step {first_step - 1}, {before} -> {world} processes)"
+            assert f"resumed from {run_dir}/snapshots/step_{first_step - 1:08d} {resumed}" in result.stderr
+        lives.append((log, first_step))
+        first_step, before = (stop or STEPS) + 1, world
+    assert summary(run_dir)["world_size"] == LIVES[-1][0]
+    assert_continues_like(reference, run_dir, lives)
 
 
 def test_sigkill_mid_window_then_resume_on_two_processes(reference, tmp_path) -> None:
