@@ -53,3 +53,30 @@ def two_hosts() -> Iterator[TwoHosts]:
 
 
 # ==== end of real-cluster fixtures ===================================================================
+
+
+# ==== two tests at a time (pytest-xdist: scripts/test runs `-n 2 --dist loadgroup`) ==================
+# A test spends much of its time in one process's start (imports, rendezvous, a scheduler's poll) while
+# the other core idles, so the suite runs two at a time. A fixture shared by several tests is made once
+# per worker: the tests that use a cluster (one SLURM cluster, fixed network namespace names) or a
+# module's shared run go to one worker together.
+
+#: fixture -> the worker group of every test that uses it (None: the test's own module).
+SHARED_BY: dict[str, str | None] = {
+    "slurm_cluster": "cluster",
+    "two_hosts": "cluster",
+    "reference": None,
+    "tail_reference": None,
+    "fsdp_weights": None,
+    "two_runs": None,
+    "finished_run": None,
+    "venv": None,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = [name for name in SHARED_BY if name in getattr(item, "fixturenames", ())]
+        if used:
+            group = next((SHARED_BY[n] for n in used if SHARED_BY[n]), None) or item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
