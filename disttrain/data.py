@@ -261,6 +261,8 @@ class EpochSampler(Sampler[int]):
         n = len(self.dataset)  # type: ignore[arg-type]
         if not self.shuffle:
             return list(range(self.length))
+        if (epoch_order := _epoch_order(self.dataset)) is not None:
+            return epoch_order(self.seed, self.epoch, n)[: self.length]
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
         return torch.randperm(n, generator=g)[: self.length].tolist()
@@ -278,6 +280,18 @@ class EpochSampler(Sampler[int]):
         if self.pad and len(order) % self.num_replicas:
             order += order[: self.num_replicas - len(order) % self.num_replicas]
         return itertools.islice(order, self.rank + self.start * self.num_replicas, None, self.num_replicas)
+
+
+def _epoch_order(dataset: Dataset) -> Callable[[int, int, int], list[int]] | None:
+    """A dataset's own shuffle (`epoch_order(seed, epoch, n)`: a permutation of its ids below n from
+    (seed, epoch) alone, e.g. disttrain.shards.Shards' shard-aware one), also through the Subset that
+    holds out validation at the end (its ids are the dataset's own, from 0)."""
+    if isinstance(dataset, Subset):
+        indices = dataset.indices
+        if not (isinstance(indices, range) and indices.start == 0 and indices.step == 1):
+            return None
+        dataset = dataset.dataset
+    return getattr(dataset, "epoch_order", None)
 
 
 def training_splits(
