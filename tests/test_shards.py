@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from disttrain import TrainConfig, Trainer
-from disttrain.config import ConfigError
+from disttrain.config import ConfigError, TrainerConfig
 from disttrain.data import EpochSampler, InProcessLoader
 from disttrain.models import MLPLanguageModel
 from disttrain.shards import Shards
@@ -190,3 +190,67 @@ def test_a_model_trains_on_shards_in_one_process_as_the_global_order_says(tmp_pa
     assert list(trainer.sampler) == expected
     summary = trainer.fit()
     assert summary["steps"] == 2 * 5  # 37 samples in steps of 8: 4 whole and one of 5, twice
+
+
+#: 181 records in 5 shards (none of the sizes divides by 2 or 4), 16 per optimizer step (4 per
+#: micro-batch): 11 whole steps an epoch and one of the 5 left, 2 epochs, a snapshot every 2 steps.
+RUN_SIZES = [37, 41, 29, 43, 31]
+RUN_STEPS, RUN_EPOCH = 24, 181
+
+
+def shard_job(root: Path) -> list[str]:
+    shards = root / "shards"
+    if not shards.is_dir():
+        shards.mkdir()
+        write_shards(shards, RUN_SIZES)
+    return [
+        "--config-dir", "tests/conf", "model=mlp_lm", "model.batchnorm=false", "data=logged_shards",
+        f"data.path={shards}/*", f"data.index_dir={root / 'index'}", "trainer.global_batch_size=16",
+        "trainer.batch_size=4", "trainer.max_epochs=2", "trainer.val_fraction=0", "trainer.num_threads=1",
+        "snapshot.every_steps=2", "optim.lr=0.05",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_processes_and_workers(
+    tmp_path,
+) -> None:
+    from collections import Counter
+
+    from disttrain.snapshot import list_snapshots
+    from tests.order import steps_read
+    from tests.support import disttrain, kill_at_step, start, summary
+    from tests.test_world_size import step_losses
+
+    job = shard_job(tmp_path)
+    reference = disttrain(*job, f"run_dir={tmp_path / 'ref'}", ORDER_LOG=str(tmp_path / "ref_log"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref_steps = steps_read(tmp_path / "ref_log", 1, 16, RUN_EPOCH)
+    assert sorted(ref_steps) == list(range(1, RUN_STEPS + 1))
+    assert [len(ref_steps[s]) for s in (11, 12, 13)] == [16, 5, 16]  # the epoch ends on what is left
+    data = dataset(f"{tmp_path}/shards/*", tmp_path, shuffle_window=2)
+    for epoch, steps in enumerate((range(1, 13), range(13, 25))):  # the order is the shards' own
+        assert [g for s in steps for g in ref_steps[s]] == data.epoch_order(TrainerConfig().seed, epoch)
+
+    # Two processes, reading a sample takes 5 ms: killed mid-epoch, inside the shards of a window.
+    run_dir = tmp_path / "run"
+    two = ["launcher=torchrun", "launcher.nproc_per_node=2", "data.delay=0.005", f"run_dir={run_dir}"]
+    kill_at_step(start(*job, *two, ORDER_LOG=str(tmp_path / "1")), run_dir, 5)
+    resumed_at = list_snapshots(run_dir / "snapshots")[0].step
+    assert 0 < resumed_at < 12
+    first_life = steps_read(tmp_path / "1", 1, 16, RUN_EPOCH)
+    assert {s: first_life[s] for s in range(1, resumed_at + 1)} == {
+        s: ref_steps[s] for s in range(1, resumed_at + 1)
+    }
+
+    # Resumed on one process with two loader workers (which log in the order they read, not the steps').
+    again = disttrain(
+        *job, "data.delay=0.005", "trainer.num_workers=2", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2")
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(epoch 0, step {resumed_at}, 2 -> 1 processes)" in again.stderr
+    read = Counter(int(v) for v in (tmp_path / "2" / "rank0.txt").read_text().split())
+    assert read == Counter(g for s in range(resumed_at + 1, RUN_STEPS + 1) for g in ref_steps[s])
+    steps, losses = step_losses(run_dir)
+    assert steps == list(range(1, RUN_STEPS + 1)) and summary(run_dir)["steps"] == RUN_STEPS
+    assert losses == pytest.approx(step_losses(tmp_path / "ref")[1], rel=1e-5)
