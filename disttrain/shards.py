@@ -127,6 +127,7 @@ class Shards(Dataset):
         #: Global id i is record i - starts[s] of shard s, s the last shard whose start <= i.
         self.starts = np.cumsum([0, *counts])
         self._open: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._pid = os.getpid()
 
     # -- the index ---------------------------------------------------------------------------------
 
@@ -219,6 +220,9 @@ class Shards(Dataset):
 
     def _shard(self, s: int) -> Any:
         """Shard s, open (JSONL: its file; Parquet: its column, decoded), the least recently used closed."""
+        if self._pid != os.getpid():
+            # A forked loader worker shares its parent's file offsets: seeking one would move the other's.
+            self._open, self._pid = collections.OrderedDict(), os.getpid()
         if s in self._open:
             self._open.move_to_end(s)
             return self._open[s]
@@ -232,7 +236,9 @@ class Shards(Dataset):
 
                 with fs.open(inner, "rb") as f:
                     table = pq.read_table(f, columns=None if self.decode else [self.field])
-                handle = table.to_pylist() if self.decode else table.column(0).to_pylist()
+                handle = table.to_pylist() if self.decode else self._token_rows(table.column(0), url)
+        except ConfigError:
+            raise
         except OSError as e:
             raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
         except Exception as e:
@@ -244,6 +250,28 @@ class Shards(Dataset):
                 closing.close()
         return handle
 
+    def _token_rows(self, column: Any, url: str) -> tuple[np.ndarray, np.ndarray]:
+        """A Parquet shard's token lists as one matrix of their first context + 1 tokens (a shorter
+        record's row padded with -1) and the records' lengths: a batch is then one gather."""
+        import pyarrow.compute as pc
+
+        width, n = self.context + 1, len(column)
+        matrix = np.full((n, width), -1, dtype=np.int64)
+        if not n:
+            return matrix, np.zeros(0, dtype=np.int64)
+        try:
+            column = column.combine_chunks()
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
+            flat = pc.list_flatten(pc.list_slice(column, 0, width)).to_numpy(zero_copy_only=False)
+        except Exception:  # pyarrow's ArrowNotImplementedError / ArrowInvalid: not a list of integers
+            raise ConfigError(
+                f"data.field={self.field!r}: shard {url} holds {column.type} there, not lists of token ids"
+            ) from None
+        kept = np.minimum(lengths, width)
+        rows = np.repeat(np.arange(n), kept)
+        matrix[rows, np.arange(len(flat)) - np.repeat(np.cumsum(kept) - kept, kept)] = flat
+        return matrix, lengths
+
     def record(self, i: int) -> Any:
         """Record `i` (a global id): a dict for JSONL; for Parquet the row (with `decode`) or its field."""
         if not 0 <= i < len(self):
@@ -251,7 +279,10 @@ class Shards(Dataset):
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         k, handle = i - int(self.starts[s]), self._shard(s)
         if self.formats[s] == "parquet":
-            return handle[k]
+            if self.decode is not None:
+                return handle[k]
+            matrix, lengths = handle
+            return matrix[k, : lengths[k]].tolist()
         offsets = self._offsets[s]
         assert offsets is not None
         start, end = int(offsets[k]), int(offsets[k + 1])
@@ -268,27 +299,57 @@ class Shards(Dataset):
             raise ConfigError(f"data.path: shard {self.urls[s]} line {k + 1} is not JSON") from None
 
     def __getitem__(self, i: int) -> Any:
-        record = self.record(i)
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
         if self.decode is not None:
-            return self.decode(record)
-        s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        where = f"data.path: shard {self.urls[s]} record {i - int(self.starts[s]) + 1}"
-        tokens = record.get(self.field) if isinstance(record, dict) else record
-        if tokens is None:
-            raise ConfigError(f"{where} has no field {self.field!r} (data.field)")
-        row = torch.as_tensor(tokens[: self.context + 1], dtype=torch.long)
-        if len(row) < self.context + 1:
+            return [self.decode(self.record(i)) for i in indices]
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"Shards: index out of range 0..{len(self) - 1}")
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        width = self.context + 1
+        rows = np.empty((len(idx), width), dtype=np.int64)
+        for s in np.unique(which).tolist():
+            mine = which == s
+            local = idx[mine] - int(self.starts[s])
+            if self.formats[s] == "parquet":
+                matrix, lengths = self._shard(s)
+                if (short := lengths[local] < width).any():
+                    k = int(local[short][0])
+                    self._refuse_short(s, k, int(lengths[k]))
+                rows[mine] = matrix[local]
+            else:
+                rows[mine] = [self._jsonl_tokens(s, int(k)) for k in local]
+            if (bad := int(rows[mine].max())) >= self.vocab_size or int(rows[mine].min()) < 0:
+                bad = bad if bad >= self.vocab_size else int(rows[mine].min())
+                k = int(local[(rows[mine] == bad).any(axis=1)][0])
+                raise ConfigError(
+                    f"data.path: shard {self.urls[s]} record {k + 1} holds token id {bad}, which "
+                    f"data.vocab_size={self.vocab_size} does not cover (ids must be from 0 and below it)"
+                )
+        tokens = torch.from_numpy(rows)
+        inputs, targets = tokens[:, :-1], tokens[:, 1:] if self.sequence else tokens[:, -1]
+        return list(zip(inputs, targets, strict=True))
+
+    def _jsonl_tokens(self, s: int, k: int) -> list[int]:
+        """Record k of JSONL shard s: its first context + 1 token ids."""
+        record = self.record(int(self.starts[s]) + k)
+        tokens = record.get(self.field) if isinstance(record, dict) else None
+        if not isinstance(tokens, list):
             raise ConfigError(
-                f"{where} holds {len(row)} tokens, fewer than one window of data.context + 1 = "
-                f"{self.context + 1}"
+                f"data.path: shard {self.urls[s]} record {k + 1} has no list of token ids in field "
+                f"{self.field!r} (data.field)"
             )
-        if (bad := int(row.max())) >= self.vocab_size or int(row.min()) < 0:
-            bad = bad if bad >= self.vocab_size else int(row.min())
-            raise ConfigError(
-                f"{where} holds token id {bad}, which data.vocab_size={self.vocab_size} does not cover "
-                "(ids must be from 0 and below it)"
-            )
-        return row[:-1], row[1:] if self.sequence else row[-1]
+        if len(tokens) < self.context + 1:
+            self._refuse_short(s, k, len(tokens))
+        return tokens[: self.context + 1]
+
+    def _refuse_short(self, s: int, k: int, length: int) -> None:
+        raise ConfigError(
+            f"data.path: shard {self.urls[s]} record {k + 1} holds {length} tokens, fewer than one window "
+            f"of data.context + 1 = {self.context + 1}"
+        )
 
 
 def _format_of(url: str) -> str:

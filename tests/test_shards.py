@@ -172,7 +172,7 @@ def test_a_bad_shard_is_one_line_naming_it(tmp_path) -> None:
         f"data.path: shard {odd} record 2 holds token id 99, which data.vocab_size=64 does not cover "
         "(ids must be from 0 and below it)",
         f"data.path: shard {odd} record 3 holds 2 tokens, fewer than one window of data.context + 1 = 5",
-        f"data.path: shard {odd} record 4 has no field 'tokens' (data.field)",
+        f"data.path: shard {odd} record 4 has no list of token ids in field 'tokens' (data.field)",
         f"data.path: shard {odd} line 5 is not JSON",
     ]
 
