@@ -78,7 +78,8 @@ class Shards(Dataset):
 
     A record's `field` holds its token ids; the sample is its first `context + 1` of them: the input and
     the target shifted by one (`sequence=True`, a GPT's samples) or the next token alone. `decode`, for
-    the Python API, turns a record (a dict) into any sample instead. `format` is `jsonl`, `parquet` or
+    the Python API, turns a record (a dict: a JSONL line, a Parquet row) into any sample instead (then
+    `context`, `vocab_size` and `field` are not used). `format` is `jsonl`, `parquet` or
     `auto` (by each shard's name). `shuffle_window` shards are shuffled together (see the module); at
     most `open_shards` shards are kept open (and a Parquet shard's column decoded) per process.
 
@@ -93,8 +94,8 @@ class Shards(Dataset):
     def __init__(
         self,
         path: str | list[str],
-        context: int,
-        vocab_size: int,
+        context: int = 64,
+        vocab_size: int = 0,
         field: str = "tokens",
         format: str = "auto",
         sequence: bool = True,
@@ -105,6 +106,8 @@ class Shards(Dataset):
     ) -> None:
         if format not in ("auto", "jsonl", "parquet"):
             raise ConfigError(f"data.format={format!r}: must be auto, jsonl or parquet")
+        if decode is None and vocab_size < 1:
+            raise ConfigError(f"data.vocab_size={vocab_size!r}: token samples need the vocabulary's size")
         if shuffle_window < 1:
             raise ConfigError(f"data.shuffle_window={shuffle_window!r}: must be at least 1 shard")
         self.context, self.vocab_size, self.field, self.sequence = context, vocab_size, field, sequence

@@ -109,6 +109,10 @@ def test_shards_read_through_fsspec_urls_as_local_paths(tmp_path) -> None:
     for g in (0, 7, 20, 40):  # the glob puts the JSONL shards first: a global id names the same record
         assert torch.equal(by_url[g][0], local[g][0]) and torch.equal(in_memory[g][0], local[g][0])
     assert local.epoch_order(5, 2) == in_memory.epoch_order(5, 2)
+    # decode: any record to any sample (a JSONL line's dict, a Parquet row's).
+    rows = dataset(paths, tmp_path, decode=lambda r: (torch.tensor(r["tokens"]), torch.tensor(len(r))))
+    assert [rows[g][0].tolist() for g in (0, 8)] == [tokens_of(0), tokens_of(8)]
+    assert [int(rows[g][1]) for g in (0, 8)] == [2, 1]  # {"tokens", "id"} and the Parquet row {"tokens"}
     memory.rm("/shards-test", recursive=True)
 
 
