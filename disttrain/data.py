@@ -410,6 +410,26 @@ def unlike_samples(indices: list[int], samples: list[Any]) -> str | None:
     return None
 
 
+class WorkerLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, with a dataset's one-line refusal (ConfigError) from a worker
+    process kept one line: the worker's traceback, which DataLoader puts into the message it raises
+    again in the training process, is cut off."""
+
+    def __iter__(self) -> Any:
+        return one_line_refusals(super().__iter__())
+
+
+def one_line_refusals(batches: Iterator[Any]) -> Iterator[Any]:
+    """`batches`, a ConfigError raised again from a loader worker cut to the worker's own line."""
+    try:
+        yield from batches
+    except ConfigError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if len(lines) < 2 or not lines[0].startswith("Caught ConfigError"):
+            raise
+        raise ConfigError(lines[-1].split("ConfigError: ", 1)[-1]) from None
+
+
 def make_loader(
     dataset: Dataset,
     sampler: EpochSampler,
@@ -417,13 +437,13 @@ def make_loader(
     num_workers: int,
     pin: bool,
     collate_fn: Callable[[list[Any]], Any] | None = None,
-) -> InProcessLoader | StatefulDataLoader:
+) -> InProcessLoader | WorkerLoader:
     """The loader of a split: batches fetched in the training process on the CPU (InProcessLoader), and
     torchdata's StatefulDataLoader where it does more: worker processes, pinned memory for CUDA. Where an
     epoch starts is the sampler's business (EpochSampler.set_epoch), so both resume alike."""
     if not num_workers and not pin:
         return InProcessLoader(dataset, sampler, batch_size, collate_fn)
-    return StatefulDataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

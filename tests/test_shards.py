@@ -258,3 +258,44 @@ def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_proces
     steps, losses = step_losses(run_dir)
     assert steps == list(range(1, RUN_STEPS + 1)) and summary(run_dir)["steps"] == RUN_STEPS
     assert losses == pytest.approx(step_losses(tmp_path / "ref")[1], rel=1e-5)
+
+
+def test_a_shard_failing_mid_run_stops_it_in_one_line_with_the_last_snapshot_kept(tmp_path) -> None:
+    from disttrain.snapshot import list_snapshots
+
+    paths = write_shards(tmp_path)
+    data = dataset(paths, tmp_path, sequence=False, open_shards=1)  # shards reopened as the order moves
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.trainer.batch_size, cfg.trainer.num_threads, cfg.trainer.val_fraction = 4, 1, 0
+    cfg.snapshot.every_steps = 1
+
+    class CutAShard:
+        def on_step_end(self, run) -> None:
+            if run.step == 2:  # a shard cut short under the run (a copy still being written, a bad disk)
+                Path(paths[0]).write_text(Path(paths[0]).read_text()[:40])
+
+    model = MLPLanguageModel(vocab_size=VOCAB, context=4, batchnorm=False)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, cfg, callbacks=[CutAShard()])
+    with pytest.raises(ConfigError) as e:
+        trainer.fit()
+    assert str(e.value) == f"data.path: shard {paths[0]} is shorter than when it was indexed"
+    assert list_snapshots(tmp_path / "run" / "snapshots")[0].step >= 2
+
+
+def test_a_refusal_from_a_loader_worker_stays_one_line() -> None:
+    from torch._utils import ExceptionWrapper
+
+    from disttrain.data import one_line_refusals
+
+    def from_a_worker():  # what DataLoader does with a worker's exception: its traceback in the message
+        yield 1
+        try:
+            raise ConfigError("data.path: shard a.jsonl line 3 is not JSON")
+        except ConfigError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    batches = one_line_refusals(from_a_worker())
+    assert next(batches) == 1
+    with pytest.raises(ConfigError) as e:
+        next(batches)
+    assert str(e.value) == "data.path: shard a.jsonl line 3 is not JSON"
