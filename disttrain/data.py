@@ -341,7 +341,7 @@ def _length(key: str, dataset: Dataset) -> int:
     if not isinstance(dataset, Sized):
         raise ConfigError(
             f"{key}: {type(dataset).__name__} has no len(); the Trainer needs a map-style dataset "
-            "(__len__ and __getitem__)"
+            "(__len__ and __getitem__; records in JSONL or Parquet files: disttrain.shards.Shards)"
         )
     return len(dataset)
 
