@@ -236,10 +236,11 @@ def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_proces
     for epoch, steps in enumerate((range(1, 13), range(13, 25))):  # the order is the shards' own
         assert [g for s in steps for g in ref_steps[s]] == data.epoch_order(TrainerConfig().seed, epoch)
 
-    # Two processes, reading a sample takes 5 ms: killed mid-epoch, inside the shards of a window.
+    # Two processes, reading a sample takes 20 ms (a step 160 ms: metrics.jsonl, written once a second,
+    # shows step 3 well before the epoch ends): killed mid-epoch, inside the shards of a window.
     run_dir = tmp_path / "run"
-    two = ["launcher=torchrun", "launcher.nproc_per_node=2", "data.delay=0.005", f"run_dir={run_dir}"]
-    kill_at_step(start(*job, *two, ORDER_LOG=str(tmp_path / "1")), run_dir, 5)
+    two = ["launcher=torchrun", "launcher.nproc_per_node=2", "data.delay=0.02", f"run_dir={run_dir}"]
+    kill_at_step(start(*job, *two, ORDER_LOG=str(tmp_path / "1")), run_dir, 3)
     resumed_at = list_snapshots(run_dir / "snapshots")[0].step
     assert 0 < resumed_at < 12
     first_life = steps_read(tmp_path / "1", 1, 16, RUN_EPOCH)
@@ -249,7 +250,7 @@ def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_proces
 
     # Resumed on one process with two loader workers (which log in the order they read, not the steps').
     again = disttrain(
-        *job, "data.delay=0.005", "trainer.num_workers=2", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2")
+        *job, "data.delay=0.02", "trainer.num_workers=2", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2")
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"(epoch 0, step {resumed_at}, 2 -> 1 processes)" in again.stderr
