@@ -261,6 +261,8 @@ class EpochSampler(Sampler[int]):
         n = len(self.dataset)  # type: ignore[arg-type]
         if not self.shuffle:
             return list(range(self.length))
+        if (epoch_order := _epoch_order(self.dataset)) is not None:
+            return epoch_order(self.seed, self.epoch, n)[: self.length]
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
         return torch.randperm(n, generator=g)[: self.length].tolist()
@@ -278,6 +280,18 @@ class EpochSampler(Sampler[int]):
         if self.pad and len(order) % self.num_replicas:
             order += order[: self.num_replicas - len(order) % self.num_replicas]
         return itertools.islice(order, self.rank + self.start * self.num_replicas, None, self.num_replicas)
+
+
+def _epoch_order(dataset: Dataset) -> Callable[[int, int, int], list[int]] | None:
+    """A dataset's own shuffle (`epoch_order(seed, epoch, n)`: a permutation of its ids below n from
+    (seed, epoch) alone, e.g. disttrain.shards.Shards' shard-aware one), also through the Subset that
+    holds out validation at the end (its ids are the dataset's own, from 0)."""
+    if isinstance(dataset, Subset):
+        indices = dataset.indices
+        if not (isinstance(indices, range) and indices.start == 0 and indices.step == 1):
+            return None
+        dataset = dataset.dataset
+    return getattr(dataset, "epoch_order", None)
 
 
 def training_splits(
@@ -327,7 +341,7 @@ def _length(key: str, dataset: Dataset) -> int:
     if not isinstance(dataset, Sized):
         raise ConfigError(
             f"{key}: {type(dataset).__name__} has no len(); the Trainer needs a map-style dataset "
-            "(__len__ and __getitem__)"
+            "(__len__ and __getitem__; records in JSONL or Parquet files: disttrain.shards.Shards)"
         )
     return len(dataset)
 
@@ -396,6 +410,26 @@ def unlike_samples(indices: list[int], samples: list[Any]) -> str | None:
     return None
 
 
+class WorkerLoader(StatefulDataLoader):
+    """torchdata's StatefulDataLoader, with a dataset's one-line refusal (ConfigError) from a worker
+    process kept one line: the worker's traceback, which DataLoader puts into the message it raises
+    again in the training process, is cut off."""
+
+    def __iter__(self) -> Any:
+        return one_line_refusals(super().__iter__())
+
+
+def one_line_refusals(batches: Iterator[Any]) -> Iterator[Any]:
+    """`batches`, a ConfigError raised again from a loader worker cut to the worker's own line."""
+    try:
+        yield from batches
+    except ConfigError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if len(lines) < 2 or not lines[0].startswith("Caught ConfigError"):
+            raise
+        raise ConfigError(lines[-1].split("ConfigError: ", 1)[-1]) from None
+
+
 def make_loader(
     dataset: Dataset,
     sampler: EpochSampler,
@@ -403,13 +437,13 @@ def make_loader(
     num_workers: int,
     pin: bool,
     collate_fn: Callable[[list[Any]], Any] | None = None,
-) -> InProcessLoader | StatefulDataLoader:
+) -> InProcessLoader | WorkerLoader:
     """The loader of a split: batches fetched in the training process on the CPU (InProcessLoader), and
     torchdata's StatefulDataLoader where it does more: worker processes, pinned memory for CUDA. Where an
     epoch starts is the sampler's business (EpochSampler.set_epoch), so both resume alike."""
     if not num_workers and not pin:
         return InProcessLoader(dataset, sampler, batch_size, collate_fn)
-    return StatefulDataLoader(
+    return WorkerLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

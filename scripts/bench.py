@@ -17,6 +17,10 @@ Tables:
   extras     what the Trainer does per step beyond the hand-written loop, each timed alone.
   startup    seconds from the command to the first finished step: `disttrain` against a bare script.
   snapshot   the cost of a snapshot against a bare torch.save (scripts/bench_snapshot.py).
+  data       an epoch of the same token records through the Trainer's loader: sharded streams (JSONL and
+             Parquet shards, `data=shards`) against the same rows held in memory (map-style), with 0 and 2
+             loader workers (ratio = stream samples/s / map-style's); and the private memory a token file
+             (`data=token_file`) costs while random batches are read, for a small and a large file.
 
 Fairness (decisions):
 - The hand-written loop is the plain one for the precision at hand: zero_grad, forward, loss, backward,
@@ -810,6 +814,90 @@ def snapshot_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     ]
 
 
+class _Rows:
+    """The map-style side of the data table: the shards' token rows, held in memory."""
+
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        rows = torch.from_numpy(self.rows[np.asarray(indices)])  # one gather, as a Shards batch is
+        return list(zip(rows[:, :-1], rows[:, 1:], strict=True))
+
+
+def _anon_kib() -> int:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["RssAnon"].split()[0])
+
+
+def data_rows(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
+    """The data table: samples/s of a sharded stream against map-style over the same records (0 and 2
+    loader workers), and a token file's private memory growth, small file against large."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from disttrain.data import EpochSampler, TokenFile, make_loader
+    from disttrain.shards import Shards
+
+    shards, per_shard, context = (3, 400, 32) if args.quick else (8, 4000, 128)
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 50_000, (shards * per_shard, context + 1))
+    for s in range(shards):
+        part = rows[s * per_shard : (s + 1) * per_shard].tolist()
+        with open(scratch / f"part{s}.jsonl", "w") as f:
+            f.writelines(json.dumps({"tokens": r}) + "\n" for r in part)
+        pq.write_table(pa.table({"tokens": part}), scratch / f"part{s}.parquet")
+    index = str(scratch / "index")
+    datasets = {
+        "map-style (rows in memory)": _Rows(rows),
+        "shards, JSONL": Shards(f"{scratch}/*.jsonl", context, 50_000, index_dir=index),
+        "shards, Parquet": Shards(f"{scratch}/*.parquet", context, 50_000, index_dir=index),
+    }
+    out: list[dict[str, Any]] = []
+    for workers in (0, 2):
+        rates = {}
+        for label, data in datasets.items():
+            best = 0.0
+            for _ in range(1 if args.quick else 3):
+                sampler = EpochSampler(data, 1, 0, shuffle=True, seed=0)  # type: ignore[arg-type]
+                loader = make_loader(data, sampler, 64, workers, False)  # type: ignore[arg-type]
+                tick = time.perf_counter()
+                n = sum(len(batch[0]) for batch in loader)
+                best = max(best, n / (time.perf_counter() - tick))
+            rates[label] = best
+        base = rates["map-style (rows in memory)"]
+        for label, rate in rates.items():
+            row = {"table": "data", "label": f"{label}, {workers} workers", "samples_per_s": rate}
+            out.append(row | ({"ratio": rate / base} if label != "map-style (rows in memory)" else {}))
+    g = torch.Generator().manual_seed(0)
+    for name, size in (
+        ("1 MiB", 2**20),
+        ("64 MiB" if args.quick else "16 GiB", 2**26 if args.quick else 2**34),
+    ):
+        path = scratch / f"tokens-{size}.bin"
+        with open(path, "wb") as f:  # sparse: zeros the file system does not store
+            f.truncate(size)
+        data = TokenFile(str(path), context=256, vocab_size=256)
+        before = _anon_kib()
+        for _ in range(20 if args.quick else 200):
+            data.__getitems__(torch.randint(len(data), (16,), generator=g).tolist())
+        out.append(
+            {"table": "data", "label": f"token file of {name}: private memory", "kib": _anon_kib() - before}
+        )
+    return out
+
+
 # ---- printing ------------------------------------------------------------------------------------
 def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
@@ -872,6 +960,10 @@ def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> No
                 f"first step {r['first_step_s']:>6.2f} s  spread {r['spread']:>5.1%}"
                 f"  exit {r['exit_s']:>6.2f} s"
             ),
+        ),
+        "data": (
+            "data loading: samples/s of an epoch (ratio = stream / map-style), token file memory growth",
+            lambda r: f"{r['samples_per_s']:>10,.0f}/s" if "samples_per_s" in r else f"{r['kib']:>8,} KiB",
         ),
         "snapshot": (
             "snapshot cost (scripts/bench_snapshot.py)",
@@ -975,6 +1067,9 @@ def main(argv: list[str] | None = None) -> int:
         startup_dir.mkdir()
         rows += measure_startup(args, nproc, startup_dir)
         rows += snapshot_rows(args)
+        data_dir = scratch / "data"
+        data_dir.mkdir()
+        rows += data_rows(args, data_dir)
     load_after = os.getloadavg()[0]
     notes.append(
         f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()} cores"

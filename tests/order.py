@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from disttrain.shards import Shards
 
 
 class LoggedRegression(Dataset):
@@ -76,3 +79,21 @@ def steps_read(
         steps[step] = [chunk[r][i] for i in range(shares[0]) for r in range(world) if i < shares[r]]
         read = [n + share for n, share in zip(read, shares, strict=True)]
         step += 1
+
+
+class LoggedShards(Shards):
+    """disttrain.shards.Shards that logs the global id of every sample it reads, as LoggedRegression does
+    (`delay` seconds a sample); a loader worker logs into its rank's file too, in the order it reads."""
+
+    def __init__(self, *args: Any, delay: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delay = delay
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:  # (__getitem__ reads through it too)
+        log_dir = Path(os.environ["ORDER_LOG"])
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / f"rank{os.environ.get('RANK', '0')}.txt", "a") as f:
+            f.write("".join(f"{i}\n" for i in indices))
+        if self.delay:
+            time.sleep(self.delay * len(indices))
+        return super().__getitems__(indices)

@@ -64,6 +64,16 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
     snapshot = next(r for r in rows if r["table"] == "snapshot")
     assert snapshot["bare_torch_save_s"] > 0 and snapshot["snapshot_s"] > 0, snapshot
     assert f"{snapshot['label']:<44} {snapshot['bytes'] / 1e6:.2f} MB: torch.save" in printed
+    for workers in (0, 2):  # streaming against map-style over the same records, side by side
+        for label in ("map-style (rows in memory)", "shards, JSONL", "shards, Parquet"):
+            row = next(r for r in rows if r.get("label") == f"{label}, {workers} workers")
+            assert row["samples_per_s"] > 0 and (label.startswith("map") or row["ratio"] > 0), row
+            assert row["label"] in printed
+    memory = [r for r in rows if r["table"] == "data" and "kib" in r]
+    assert [r["label"] for r in memory] == [
+        "token file of 1 MiB: private memory",
+        "token file of 64 MiB: private memory",
+    ]
     assert report["meta"]["command"].startswith("python scripts/bench.py --quick")
 
 

@@ -17,7 +17,7 @@ from tests.support import ROOT
 LAYERS = [
     ["config"],
     ["dist"],
-    ["data", "models", "step"],
+    ["data", "shards", "models", "step"],
     ["strategy"],
     ["sharded", "snapshot"],
     ["runlock", "health", "metrics", "progress"],

@@ -1,0 +1,302 @@
+"""Sharded streams (`data=shards`, disttrain.shards.Shards): JSONL and Parquet shards, local or through
+fsspec URLs, in one global order that does not depend on the number of processes, served by global id;
+every bad shard refused in one line naming it. In-process: the order is the sampler's, so driving the
+sampler of every rank of W checks what W processes would read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from disttrain import TrainConfig, Trainer
+from disttrain.config import ConfigError, TrainerConfig
+from disttrain.data import EpochSampler, InProcessLoader
+from disttrain.models import MLPLanguageModel
+from disttrain.shards import Shards
+
+#: Shard sizes that divide by none of 2, 3 and 4 (nor does their sum, 41): JSONL and Parquet in turn.
+SIZES = [7, 11, 5, 13, 5]
+VOCAB = 64
+
+
+def tokens_of(gid: int) -> list[int]:
+    """Record `gid`'s tokens: its id first (read back from a sample), then a pattern."""
+    return [gid % VOCAB, *((gid * 7 + j) % VOCAB for j in range(1, 6))]
+
+
+def write_shards(root: Path, sizes: list[int] = SIZES) -> list[str]:
+    """Shards 0..n-1 alternating JSONL and Parquet (row groups of 4); record ids in naming order."""
+    paths, gid = [], 0
+    for s, n in enumerate(sizes):
+        rows = [tokens_of(gid + i) for i in range(n)]
+        if s % 2 == 0:
+            path = root / f"part{s}.jsonl"
+            path.write_text(
+                "".join(json.dumps({"tokens": r, "id": gid + i}) + "\n" for i, r in enumerate(rows))
+            )
+        else:
+            path = root / f"part{s}.parquet"
+            pq.write_table(pa.table({"tokens": rows}), path, row_group_size=4)
+        paths.append(str(path))
+        gid += n
+    return paths
+
+
+def dataset(paths: list[str] | str, tmp_path: Path, **kw) -> Shards:
+    return Shards(paths, context=4, vocab_size=VOCAB, index_dir=str(tmp_path / "index"), **kw)
+
+
+def global_sequence(data, world: int, seed: int, epoch: int, step: int, start: int = 0) -> list[int]:
+    """The epoch's samples as W ranks read them, put back in the global order from global position
+    `start`: rank r's i-th is the (r + i·W)-th (EpochSampler), in optimizer steps of `step` samples."""
+    shares = []
+    for r in range(world):
+        sampler = EpochSampler(data, world, r, shuffle=True, seed=seed)
+        sampler.set_epoch(epoch, start=start // world)
+        shares.append(list(sampler))
+    return [shares[i % world][i // world] for i in range(sum(map(len, shares)))]
+
+
+def test_the_global_order_is_the_same_on_any_number_of_processes_and_keeps_to_a_window_of_shards(
+    tmp_path,
+) -> None:
+    paths = write_shards(tmp_path)
+    data = dataset(paths, tmp_path, shuffle_window=2)
+    assert len(data) == 41
+    for epoch in (0, 1):
+        one = global_sequence(data, 1, 3, epoch, 12)
+        assert sorted(one) == list(range(41))  # an epoch: each record once
+        for world in (2, 3, 4):
+            assert global_sequence(data, world, 3, epoch, 12) == one
+        # Resumed at a global position (a multiple of the step on every W) on another number of processes.
+        assert global_sequence(data, 3, 3, epoch, 12, start=24) == one[24:]
+    first, second = global_sequence(data, 1, 3, 0, 12), global_sequence(data, 1, 3, 1, 12)
+    assert first != second  # shuffled anew each epoch
+    # The order walks the shards a window of 2 at a time: the first window's records all come first.
+    starts = np.cumsum([0, *SIZES])
+    shard_of = {g: int(np.searchsorted(starts, g, side="right")) - 1 for g in range(41)}
+    seen: list[int] = []
+    window_of = []
+    for g in first:
+        if shard_of[g] not in seen:
+            seen.append(shard_of[g])
+        window_of.append(seen.index(shard_of[g]) // 2)
+    assert window_of == sorted(window_of) == [w for w in range(3) for _ in range(window_of.count(w))]
+    # Every sample is its record: its first token is its id.
+    for g in first[:10]:
+        inputs, target = data[g]
+        assert inputs.tolist() == tokens_of(g)[:4] and target.tolist() == tokens_of(g)[1:5]
+
+
+def test_shards_read_through_fsspec_urls_as_local_paths(tmp_path) -> None:
+    paths = write_shards(tmp_path)
+    local = dataset([f"{tmp_path}/*.jsonl", f"{tmp_path}/*.parquet"], tmp_path)
+    by_url = dataset([f"file://{tmp_path}/*.jsonl", f"file://{tmp_path}/*.parquet"], tmp_path)
+    memory = fsspec.filesystem("memory")
+    for p in paths:
+        memory.pipe(f"/shards-test/{Path(p).name}", Path(p).read_bytes())
+    in_memory = dataset(["memory://shards-test/*.jsonl", "memory://shards-test/*.parquet"], tmp_path)
+    assert by_url.urls[0] == f"file://{tmp_path}/part0.jsonl"
+    assert len(local) == len(by_url) == len(in_memory) == 41
+    assert local.urls == [u.removeprefix("file://") for u in by_url.urls]
+    for g in (0, 7, 20, 40):  # the glob puts the JSONL shards first: a global id names the same record
+        assert torch.equal(by_url[g][0], local[g][0]) and torch.equal(in_memory[g][0], local[g][0])
+    assert local.epoch_order(5, 2) == in_memory.epoch_order(5, 2)
+    # decode: any record to any sample (a JSONL line's dict, a Parquet row's).
+    rows = dataset(paths, tmp_path, decode=lambda r: (torch.tensor(r["tokens"]), torch.tensor(len(r))))
+    assert [rows[g][0].tolist() for g in (0, 8)] == [tokens_of(0), tokens_of(8)]
+    assert [int(rows[g][1]) for g in (0, 8)] == [2, 1]  # {"tokens", "id"} and the Parquet row {"tokens"}
+    memory.rm("/shards-test", recursive=True)
+
+
+def test_a_jsonl_index_is_kept_and_open_shards_are_bounded(tmp_path) -> None:
+    paths = write_shards(tmp_path, [30, 0, 30, 0, 30])  # empty Parquet shards are no records
+    data = dataset(paths, tmp_path, open_shards=2)
+    assert len(data) == 90
+    assert len(list((tmp_path / "index").glob("*.npy"))) == 3  # one per JSONL shard
+    again = dataset(paths, tmp_path)
+    assert again.starts.tolist() == data.starts.tolist()
+    for g in data.epoch_order(0, 0):
+        data[g]
+        assert len(data._open) <= 2
+    Path(paths[0]).write_text(Path(paths[0]).read_text() + json.dumps({"tokens": tokens_of(0)}) + "\n")
+    assert len(dataset(paths, tmp_path)) == 91  # a changed shard is indexed again
+
+
+def test_a_bad_shard_is_one_line_naming_it(tmp_path) -> None:
+    paths = write_shards(tmp_path)
+
+    def refused(path, **kw) -> str:
+        with pytest.raises(ConfigError) as e:
+            dataset(path, tmp_path, **kw)
+        return str(e.value)
+
+    assert (
+        refused(str(tmp_path / "none*.jsonl"))
+        == f"data.path={str(tmp_path / 'none*.jsonl')!r}: matches no file"
+    )
+    assert refused([paths[0], str(tmp_path / "gone.jsonl")]) == (
+        f"data.path={str(tmp_path / 'gone.jsonl')!r}: no such file"
+    )
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(Path(paths[0]).read_text()[:-9])  # a partial last line
+    assert refused(str(cut)) == f"data.path: shard {cut} ends in a cut-off line 7 (a truncated file?)"
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(Path(paths[1]).read_bytes()[:-20])
+    assert refused(str(broken)).startswith(f"data.path: shard {broken} is not a readable Parquet file: ")
+    assert refused(paths[1], field="text") == (
+        f"data.field='text': shard {paths[1]} has no such column (it has tokens)"
+    )
+    assert refused(paths[0], format="csv") == "data.format='csv': must be auto, jsonl or parquet"
+    unreadable = tmp_path / "unreadable.jsonl"
+    unreadable.mkdir()
+    assert refused(str(unreadable)) == f"data.path={str(unreadable)!r}: no such file"
+
+    # What only reading a record finds stops the run at its batch, in one line naming shard and record.
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(
+        json.dumps({"tokens": [1, 2, 3, 4, 5]}) + "\n" + json.dumps({"tokens": [1, 2, 99, 4, 5]}) + "\n"
+        + json.dumps({"tokens": [1, 2]}) + "\n" + json.dumps({"text": "a"}) + "\n" + "{not json\n"
+    )  # fmt: skip
+    data = dataset(str(odd), tmp_path)
+    assert data[0][0].tolist() == [1, 2, 3, 4]
+    lines = []
+    for g in range(1, 5):
+        with pytest.raises(ConfigError) as e:
+            data[g]
+        lines.append(str(e.value))
+    assert lines == [
+        f"data.path: shard {odd} record 2 holds token id 99, which data.vocab_size=64 does not cover "
+        "(ids must be from 0 and below it)",
+        f"data.path: shard {odd} record 3 holds 2 tokens, fewer than one window of data.context + 1 = 5",
+        f"data.path: shard {odd} record 4 has no list of token ids in field 'tokens' (data.field)",
+        f"data.path: shard {odd} line 5 is not JSON",
+    ]
+
+
+def test_a_model_trains_on_shards_in_one_process_as_the_global_order_says(tmp_path) -> None:
+    paths = write_shards(tmp_path)
+    data = dataset(paths, tmp_path, sequence=False)  # the MLP predicts the next token alone
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.trainer.batch_size, cfg.trainer.num_threads, cfg.trainer.max_epochs = 8, 1, 2
+    cfg.trainer.val_fraction = 0.1  # the last 4 records held out: the order is of the other 37
+    model = MLPLanguageModel(vocab_size=VOCAB, context=4)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, cfg)
+    assert isinstance(trainer.loader, InProcessLoader)
+    expected = [g for g in data.epoch_order(cfg.trainer.seed, 0) if g < 37]
+    assert list(trainer.sampler) == expected
+    summary = trainer.fit()
+    assert summary["steps"] == 2 * 5  # 37 samples in steps of 8: 4 whole and one of 5, twice
+
+
+#: 181 records in 5 shards (none of the sizes divides by 2 or 4), 16 per optimizer step (4 per
+#: micro-batch): 11 whole steps an epoch and one of the 5 left, 2 epochs, a snapshot every 2 steps.
+RUN_SIZES = [37, 41, 29, 43, 31]
+RUN_STEPS, RUN_EPOCH = 24, 181
+
+
+def shard_job(root: Path) -> list[str]:
+    shards = root / "shards"
+    if not shards.is_dir():
+        shards.mkdir()
+        write_shards(shards, RUN_SIZES)
+    return [
+        "--config-dir", "tests/conf", "model=mlp_lm", "model.batchnorm=false", "data=logged_shards",
+        f"data.path={shards}/*", f"data.index_dir={root / 'index'}", "trainer.global_batch_size=16",
+        "trainer.batch_size=4", "trainer.max_epochs=2", "trainer.val_fraction=0", "trainer.num_threads=1",
+        "snapshot.every_steps=2", "optim.lr=0.05",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_processes_and_workers(
+    tmp_path,
+) -> None:
+    from collections import Counter
+
+    from disttrain.snapshot import list_snapshots
+    from tests.order import steps_read
+    from tests.support import disttrain, kill_at_step, start, summary
+    from tests.test_world_size import step_losses
+
+    job = shard_job(tmp_path)
+    reference = disttrain(*job, f"run_dir={tmp_path / 'ref'}", ORDER_LOG=str(tmp_path / "ref_log"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref_steps = steps_read(tmp_path / "ref_log", 1, 16, RUN_EPOCH)
+    assert sorted(ref_steps) == list(range(1, RUN_STEPS + 1))
+    assert [len(ref_steps[s]) for s in (11, 12, 13)] == [16, 5, 16]  # the epoch ends on what is left
+    data = dataset(f"{tmp_path}/shards/*", tmp_path, shuffle_window=2)
+    for epoch, steps in enumerate((range(1, 13), range(13, 25))):  # the order is the shards' own
+        assert [g for s in steps for g in ref_steps[s]] == data.epoch_order(TrainerConfig().seed, epoch)
+
+    # Two processes, reading a sample takes 20 ms (a step 160 ms: metrics.jsonl, written once a second,
+    # shows step 3 well before the epoch ends): killed mid-epoch, inside the shards of a window.
+    run_dir = tmp_path / "run"
+    two = ["launcher=torchrun", "launcher.nproc_per_node=2", "data.delay=0.02", f"run_dir={run_dir}"]
+    kill_at_step(start(*job, *two, ORDER_LOG=str(tmp_path / "1")), run_dir, 3)
+    resumed_at = list_snapshots(run_dir / "snapshots")[0].step
+    assert 0 < resumed_at < 12
+    first_life = steps_read(tmp_path / "1", 1, 16, RUN_EPOCH)
+    assert {s: first_life[s] for s in range(1, resumed_at + 1)} == {
+        s: ref_steps[s] for s in range(1, resumed_at + 1)
+    }
+
+    # Resumed on one process with two loader workers (which log in the order they read, not the steps').
+    again = disttrain(
+        *job, "data.delay=0.02", "trainer.num_workers=2", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2")
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(epoch 0, step {resumed_at}, 2 -> 1 processes)" in again.stderr
+    read = Counter(int(v) for v in (tmp_path / "2" / "rank0.txt").read_text().split())
+    assert read == Counter(g for s in range(resumed_at + 1, RUN_STEPS + 1) for g in ref_steps[s])
+    steps, losses = step_losses(run_dir)
+    assert steps == list(range(1, RUN_STEPS + 1)) and summary(run_dir)["steps"] == RUN_STEPS
+    assert losses == pytest.approx(step_losses(tmp_path / "ref")[1], rel=1e-5)
+
+
+def test_a_shard_failing_mid_run_stops_it_in_one_line_with_the_last_snapshot_kept(tmp_path) -> None:
+    from disttrain.snapshot import list_snapshots
+
+    paths = write_shards(tmp_path)
+    data = dataset(paths, tmp_path, sequence=False, open_shards=1)  # shards reopened as the order moves
+    cfg = TrainConfig(run_dir=str(tmp_path / "run"))
+    cfg.trainer.batch_size, cfg.trainer.num_threads, cfg.trainer.val_fraction = 4, 1, 0
+    cfg.snapshot.every_steps = 1
+
+    class CutAShard:
+        def on_step_end(self, run) -> None:
+            if run.step == 2:  # a shard cut short under the run (a copy still being written, a bad disk)
+                Path(paths[0]).write_text(Path(paths[0]).read_text()[:40])
+
+    model = MLPLanguageModel(vocab_size=VOCAB, context=4, batchnorm=False)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, cfg, callbacks=[CutAShard()])
+    with pytest.raises(ConfigError) as e:
+        trainer.fit()
+    assert str(e.value) == f"data.path: shard {paths[0]} is shorter than when it was indexed"
+    assert list_snapshots(tmp_path / "run" / "snapshots")[0].step >= 2
+
+
+def test_a_refusal_from_a_loader_worker_stays_one_line() -> None:
+    from torch._utils import ExceptionWrapper
+
+    from disttrain.data import one_line_refusals
+
+    def from_a_worker():  # what DataLoader does with a worker's exception: its traceback in the message
+        yield 1
+        try:
+            raise ConfigError("data.path: shard a.jsonl line 3 is not JSON")
+        except ConfigError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    batches = one_line_refusals(from_a_worker())
+    assert next(batches) == 1
+    with pytest.raises(ConfigError) as e:
+        next(batches)
+    assert str(e.value) == "data.path: shard a.jsonl line 3 is not JSON"
