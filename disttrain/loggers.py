@@ -69,6 +69,9 @@ class Logger(Callback):
     has reached `on_log`: flushing there makes the snapshot's promise "everything up to here is written"."""
 
     FLUSH_SECONDS = 1.0
+    #: (module, extra): the package the logger imports and the extra that installs it; checked before a
+    #: job starts (`disttrain.compose.check_callback_classes`).
+    REQUIRES: tuple[str, str] | None = None
 
     def __init__(self) -> None:
         self._records: list[dict[str, Any]] = []
@@ -183,6 +186,8 @@ class TensorBoard(Logger):
     files hold every step up to S; the resumed writer opens with `purge_step=S+1`, and TensorBoard drops
     the killed attempt's events from S+1 on, which the resumed run writes again. A logger with no state in
     the snapshot (added on a resume) replays metrics.jsonl instead, purging everything before it."""
+
+    REQUIRES = ("tensorboard", "tensorboard")
 
     def __init__(self, log_dir: str = "") -> None:
         super().__init__()
@@ -300,6 +305,7 @@ class MLflow(Logger):
     second after its line (the batching), and a resume pays one history read per metric."""
 
     ID_FILE = "mlflow_run_id"
+    REQUIRES = ("mlflow", "mlflow")
 
     def __init__(self, tracking_uri: str = "", experiment: str = "disttrain", run_name: str = "") -> None:
         super().__init__()
@@ -429,6 +435,7 @@ class Wandb(Logger):
     preempting (shown as preempted, not failed, until the requeued job resumes it)."""
 
     ID_FILE = "wandb_run_id"
+    REQUIRES = ("wandb", "wandb")
 
     def __init__(self, project: str = "disttrain", mode: str = "offline") -> None:
         super().__init__()

@@ -109,7 +109,7 @@ def test_tensorboard_csv_and_mlflow_hold_every_step_once_after_a_sigkill_on_two_
     # Only rank 0 wrote: one events file for each attempt, each from one process.
     files = sorted((run_dir / "tensorboard").iterdir())
     assert len(first_files) == 1 and len(files) == 2, files
-    assert len({f.name.split(".")[4] for f in files}) == 2  # events.out.tfevents.TIME.HOST.PID.N
+    assert len({f.name.split(".")[-2] for f in files}) == 2  # events.out.tfevents.TIME.HOST.PID.N
 
 
 def test_a_resume_from_an_older_snapshot_than_the_loggers_reached_logs_every_step_once(tmp_path) -> None:
@@ -203,3 +203,12 @@ def test_a_bad_logger_config_is_one_line(overrides: list[str], message: str, tmp
     assert main([*overrides, f"run_dir={tmp_path / 'run'}"]) == 2
     assert capsys.readouterr().err == f"disttrain: error: {message}\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_logger_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(TensorBoard, "REQUIRES", ("disttrain_no_such_package", "tensorboard"))
+    assert main(["logger=tensorboard", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == (
+        "disttrain: error: callbacks.tensorboard: TensorBoard needs the disttrain_no_such_package package: "
+        "pip install 'disttrain[tensorboard]'\n"
+    )
