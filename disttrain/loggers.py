@@ -431,7 +431,8 @@ class Wandb(Logger):
     record of a step it already holds. So every step appears once, from one attempt or the other, with
     the same values (resume is exact).
 
-    Files go to `RUN_DIR/wandb/` unless WANDB_DIR says otherwise. A run stopped by a signal is marked
+    Records go to wandb as they come (wandb batches them on its own, in its core process). Files go to
+    `RUN_DIR/wandb/` unless WANDB_DIR says otherwise. A run stopped by a signal is marked
     preempting (shown as preempted, not failed, until the requeued job resumes it)."""
 
     ID_FILE = "wandb_run_id"
@@ -472,6 +473,11 @@ class Wandb(Logger):
             step = record["step"]
             if step >= self._first_step:
                 self._run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def on_log(self, run: RunView, record: dict[str, Any]) -> None:
+        # Straight to wandb, which batches on its own (its core process writes the file or uploads).
+        if self._run is not None:
+            self.write([record])
 
     def close(self, status: str) -> None:
         if status == "killed":
