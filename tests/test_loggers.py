@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from disttrain.callbacks import CallbackError
 from disttrain.cli import main
 from disttrain.compose import compose
 from disttrain.loggers import CSV, MLflow, TensorBoard, flatten
 from disttrain.metrics import read_metrics
-from tests.callbacks import StopAt
+from tests.callbacks import Raises, StopAt
 from tests.support import SMALL, disttrain, kill_at_step, start, summary
 from tests.test_callbacks import regression_trainer
 
@@ -212,3 +213,16 @@ def test_a_logger_whose_package_is_missing_is_one_line(tmp_path, capsys, monkeyp
         "disttrain: error: callbacks.tensorboard: TensorBoard needs the disttrain_no_such_package package: "
         "pip install 'disttrain[tensorboard]'\n"
     )
+
+
+def test_a_run_that_raises_closes_its_loggers_as_failed(tmp_path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(CallbackError):
+        regression_trainer(run_dir, {"mlflow": MLflow(), "csv": CSV(), "raises": Raises(step=3)}).fit()
+    _, (run,) = mlflow_runs(run_dir)
+    assert run.info.status == "FAILED"
+    # What was kept before the error was written: the lines metrics.jsonl has (step 3's came before the
+    # callback raised at its end).
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == [1, 2, 3]
+    assert [int(r["step"]) for r in csv_rows(run_dir / "metrics.csv")] == steps
