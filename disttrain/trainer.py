@@ -1130,7 +1130,7 @@ class Trainer:
             self.callbacks.fire("on_log", self.run_view, record)
 
     def _log_step(self, result: StepResult, data_time: float, step_time: float, log_line: bool) -> None:
-        """One line of metrics.jsonl (fields: disttrain.metrics) and wandb, and the progress display. All
+        """One line of metrics.jsonl (fields: disttrain.metrics) and on_log, and the progress display. All
         from values the step already has on the host: no device sync here, except on the steps that log
         a step function's extra metrics (`log_line`: every trainer.log_every_steps and at the end of an
         epoch), where the ranks average them over items (one all-reduce). On more than one process the
