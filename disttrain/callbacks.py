@@ -13,7 +13,10 @@ the signatures and makes every event a no-op until overridden):
     on_snapshot(run, step)               the snapshot of `step` was written (rank 0 commits it on its
                                          own thread; a failed commit stops the run)
     on_epoch_end(run)                    an epoch ended (after its validation and snapshot)
-    on_fit_end(run, summary)             training ended; summary["stopped"] says why
+    on_fit_end(run, summary)             training ended; summary["stopped"] says why (a callback may
+                                         add entries: summary.json is written after this event)
+    on_exception(run, error)             fit() is raising `error` (on the ranks where it does; also
+                                         before on_fit_start): close what the callback opened
 
 Every event but `on_log` is called on every rank, in the same order, with callbacks in the order they
 were given. `run` (`RunView`) reads the run's step, epoch, rank, world size, model, optimizer, run dir
@@ -33,7 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from disttrain.config import ConfigError, describe_exception
+from disttrain.config import ConfigError, describe_exception, to_dict
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +52,7 @@ EVENTS = (
     "on_snapshot",
     "on_epoch_end",
     "on_fit_end",
+    "on_exception",
 )
 
 
@@ -64,6 +68,7 @@ class Callback:
     def on_snapshot(self, run: RunView, step: int) -> None: ...
     def on_epoch_end(self, run: RunView) -> None: ...
     def on_fit_end(self, run: RunView, summary: dict[str, Any]) -> None: ...
+    def on_exception(self, run: RunView, error: BaseException) -> None: ...
 
 
 class CallbackError(RuntimeError):
@@ -118,6 +123,11 @@ class RunView:
         return int(self._trainer.total_steps)
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The run's config as a plain dict (a copy): what a logger records as its parameters."""
+        return to_dict(self._trainer.cfg)
+
+    @property
     def metrics(self) -> dict[str, float]:
         """The latest loss (a step's, once the ranks have summed it), validation loss, best validation
         loss, and the gradient norm of the latest step (before clipping)."""
@@ -142,7 +152,7 @@ class Callbacks:
         if callbacks is None:
             callbacks = {}
         if not isinstance(callbacks, Mapping):
-            callbacks = _named(callbacks)
+            callbacks = named_callbacks(callbacks)
         self.named: dict[str, Any] = {str(k): v for k, v in callbacks.items() if v is not None}
         #: The name of the callback whose event is running (request_stop says who asked).
         self.current = ""
@@ -188,7 +198,7 @@ class Callbacks:
                     raise CallbackError(f"callback {name} raised in load_state_dict: {why}") from e
 
 
-def _named(callbacks: Sequence[Any]) -> dict[str, Any]:
+def named_callbacks(callbacks: Sequence[Any]) -> dict[str, Any]:
     """A list of callbacks named by their classes (a second of one class gets `_2`, and so on)."""
     named: dict[str, Any] = {}
     for callback in callbacks:

@@ -13,6 +13,7 @@ directory, and turns every composition error into one line (exit 2).
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,6 +170,12 @@ def check_callback_classes(cfg: TrainConfig) -> None:
             target, _ = resolve_target(f"callbacks.{name}", spec)
             if isinstance(target, type):
                 check_events(name, target)
+                requires = getattr(target, "REQUIRES", None)  # a logger's package (disttrain.loggers)
+                if requires and importlib.util.find_spec(requires[0]) is None:
+                    raise ConfigError(
+                        f"callbacks.{name}: {target.__name__} needs the {requires[0]} package: "
+                        f"pip install 'disttrain[{requires[1]}]'"
+                    )
 
 
 def check_run_dir(cfg: TrainConfig, world_size: int) -> None:

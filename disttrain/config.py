@@ -283,8 +283,10 @@ class HealthConfig:
 
 @dataclass
 class LoggerConfig:
-    #: none | wandb. Only rank 0 logs. The wandb run id is kept in run_dir and in every snapshot, so a
-    #: resumed, restarted or requeued job continues the same run.
+    #: none | wandb: wandb adds the wandb logger (disttrain.loggers.Wandb), in Python too. Only rank 0
+    #: logs. The wandb run id is kept in run_dir and in every snapshot, so a resumed, restarted or
+    #: requeued job continues the same run. The other loggers are callbacks: `logger=tensorboard`,
+    #: `csv`, `mlflow`, or several, `logger=[tensorboard,csv,mlflow,wandb]`.
     name: str = _choice("none", LOGGERS)
     #: wandb: project name.
     project: str = "disttrain"

@@ -1,4 +1,4 @@
-"""What rank 0 shows while a run goes: a progress bar or plain progress lines, and a wandb run.
+"""What rank 0 shows while a run goes: a progress bar or plain progress lines.
 
 Progress: on a terminal a tqdm bar (steps, loss, samples/s, ETA) redraws in place; when stdout is not a
 terminal (a SLURM log, CI, a pipe) a redrawn bar would fill the file with carriage returns, so one plain
@@ -6,19 +6,14 @@ line is printed every `trainer.log_every_steps` steps instead:
 
     step 200/1407  epoch 0  loss 3.0187  21,877 samples/s  eta 0:00:01
 
-wandb (`logger=wandb`): see `WandbRun`. wandb is imported only when a run uses it.
+The loggers (wandb, TensorBoard, CSV, MLflow) are callbacks: disttrain.loggers.
 """
 
 from __future__ import annotations
 
-import secrets
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
-
-from disttrain.config import LoggerConfig
-from disttrain.snapshot import atomic_write
 
 
 class Progress:
@@ -78,64 +73,3 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-class WandbRun:
-    """Rank 0's wandb run (`logger=wandb`); the other ranks have none.
-
-    One run per run_dir, also across kills, restarts and SLURM requeues: its id is written to
-    `RUN_DIR/wandb_run_id` when the run is created (so a job killed before its first snapshot still
-    continues it) and kept in every snapshot's counters (which win on resume); wandb is opened with that
-    id and `resume="allow"`.
-
-    The history stays contiguous across a SIGKILL: wandb writes its log lazily (seen: a run killed at
-    step 150 had 108 steps in its offline file), so steps logged before the snapshot the job resumes
-    from may never have reached wandb. On start the run therefore replays metrics.jsonl (already cut back
-    to the snapshot's step) from the first step wandb does not have (`run.starting_step`: the server's
-    next step online, 0 offline, where every attempt writes a file of its own), and drops any later
-    record of a step it already holds. So every step appears once, from one attempt or the other, with
-    the same values (resume is exact).
-
-    Files go to `RUN_DIR/wandb/` unless WANDB_DIR says otherwise.
-    """
-
-    ID_FILE = "wandb_run_id"
-
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, run_id: str, config: dict[str, Any]) -> None:
-        import os
-
-        import wandb  # here, not at the top: wandb costs its import only to runs that log to it
-
-        id_file = run_dir / self.ID_FILE
-        if not run_id and id_file.exists():
-            run_id = id_file.read_text().strip()
-        if not run_id:
-            run_id = secrets.token_hex(6)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(id_file, lambda f: f.write(run_id.encode()))
-        self.run = wandb.init(
-            project=cfg.project,
-            # A str checked against WANDB_MODES: OmegaConf's schemas cannot hold the Literal wandb wants.
-            mode=cfg.mode,  # type: ignore[arg-type]
-            id=run_id,
-            resume="allow",
-            dir=os.environ.get("WANDB_DIR") or str(run_dir),
-            config=config,
-        )
-        self.id = run_id
-        self.first_step = self.run.starting_step
-
-    def replay(self, rows: list[dict[str, Any]]) -> None:
-        """Log the records of metrics.jsonl that wandb does not hold yet (see the class doc)."""
-        for row in rows:
-            self.log(row)
-
-    def log(self, record: dict[str, Any]) -> None:
-        step = record["step"]
-        if step >= self.first_step:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
-
-    def finish(self, exit_code: int, preempted: bool) -> None:
-        if preempted:
-            self.run.mark_preempting()  # shown as preempted, not failed, until the requeued job resumes it
-        self.run.finish(exit_code=exit_code)

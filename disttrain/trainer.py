@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence, Sized
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from disttrain import runlock
-from disttrain.callbacks import Callbacks, RunView
+from disttrain.callbacks import CallbackError, Callbacks, RunView
 from disttrain.config import (
     ConfigError,
     OptimConfig,
@@ -47,15 +48,15 @@ from disttrain.config import (
 from disttrain.data import make_loader, one_sample_micro_batches, training_splits
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
 from disttrain.health import GradHealth, Verdict, full, grad_flow, halve_lr
+from disttrain.loggers import with_config_loggers
 from disttrain.metrics import (
     ItemMeans,
     MetricsLog,
     params_sha256,
     peak_samples_per_s,
-    read_metrics,
     write_summary,
 )
-from disttrain.progress import Progress, WandbRun
+from disttrain.progress import Progress
 from disttrain.snapshot import DCP_DIR, RunFileError, Snapshot, SnapshotError, SnapshotStore, step_dir_name
 from disttrain.step import (
     DefaultStep,
@@ -180,8 +181,6 @@ class Counters:
     lr_halvings: int = 0
     #: Optimizer steps skipped in a row, up to the latest step (health.max_skipped_steps acts on it).
     skip_streak: int = 0
-    #: The wandb run this run logs to (rank 0's; "" without logger=wandb): a resumed job continues it.
-    wandb_run_id: str = ""
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -290,7 +289,7 @@ class Trainer:
         t = cfg.trainer
         check_model(model)
         _check_optimizer(optimizer, model)
-        self.callbacks = Callbacks(callbacks)
+        self.callbacks = Callbacks(with_config_loggers(callbacks, cfg.logger))
         #: The events that fire every step, looked up once (an event without handlers costs a test).
         self._on_before_optimizer_step = self.callbacks.handlers["on_before_optimizer_step"]
         self._on_step_end = self.callbacks.handlers["on_step_end"]
@@ -354,7 +353,6 @@ class Trainer:
             self.module, self.env.device, t.precision, t.peak_tflops, self.env.world_size
         )
         self.progress: Progress | None = None  # rank 0's bar or lines, from fit() on
-        self.wandb: WandbRun | None = None  # rank 0's, with logger=wandb
         self._pending: dict[str, Any] = {}  # loader and RNG state from a snapshot, applied at epoch start
         self._stop_signal = 0
         self._callback_stop = 0  # 1 + the index of the callback that asked the run to stop
@@ -485,7 +483,9 @@ class Trainer:
         if self._diverged and self.env.is_main:
             log.error("%s", self._diverged_line())
         summary = self._summary(time.perf_counter() - start)
-        self.callbacks.fire("on_fit_end", self.run_view, summary)
+        self.callbacks.fire("on_fit_end", self.run_view, summary)  # a logger adds its run id to it
+        if self.env.is_main:
+            write_summary(self.run_dir, summary)
         return summary
 
     def _diverged_line(self) -> str:
@@ -1113,34 +1113,28 @@ class Trainer:
 
     # -- reporting ------------------------------------------------------------------------------------
     def _open_reporting(self) -> None:
-        """Rank 0's progress display and wandb run, once the snapshot has said where the run stands."""
+        """Rank 0's progress display, once the snapshot has said where the run stands (the loggers are
+        callbacks: disttrain.loggers)."""
         t = self.cfg.trainer
         self.progress = Progress(self.total_steps, self.counters.step, t.log_every_steps, self.env.is_main)
-        if self.env.is_main and self.cfg.logger.name == "wandb":
-            self.wandb = WandbRun(
-                self.cfg.logger, self.run_dir, self.counters.wandb_run_id, to_dict(self.cfg)
-            )
-            self.counters.wandb_run_id = self.wandb.id
-            self.wandb.replay(read_metrics(self.run_dir))
 
     def _close_reporting(self, clean: bool) -> None:
         if self.progress is not None:
             self.progress.close()
-        if self.wandb is not None:
-            ended_well = clean and not self._diverged
-            self.wandb.finish(
-                0 if ended_well else 1, preempted=self._stop_reason.startswith("stopped by signal")
-            )
+        error = None if clean else sys.exc_info()[1]  # (in fit()'s finally: the error on its way out)
+        if error is not None and self.callbacks.handlers["on_exception"]:
+            try:
+                self.callbacks.fire("on_exception", self.run_view, error)
+            except CallbackError as e:  # the run's own error is the one to report
+                log.warning("%s", e)
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
-        if self.wandb is not None:
-            self.wandb.log(record)
         if self._on_log and self.env.is_main:
             self.callbacks.fire("on_log", self.run_view, record)
 
     def _log_step(self, result: StepResult, data_time: float, step_time: float, log_line: bool) -> None:
-        """One line of metrics.jsonl (fields: disttrain.metrics) and wandb, and the progress display. All
+        """One line of metrics.jsonl (fields: disttrain.metrics) and on_log, and the progress display. All
         from values the step already has on the host: no device sync here, except on the steps that log
         a step function's extra metrics (`log_line`: every trainer.log_every_steps and at the end of an
         epoch), where the ranks average them over items (one all-reduce). On more than one process the
@@ -1237,8 +1231,4 @@ class Trainer:
             "explosions": c.explosions,
             "lr_halvings": c.lr_halvings,
         }
-        if c.wandb_run_id:
-            summary["wandb_run_id"] = c.wandb_run_id
-        if self.env.is_main:
-            write_summary(self.run_dir, summary)
         return summary

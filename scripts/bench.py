@@ -410,6 +410,7 @@ def time_extras(env: Any, scratch: Path, n: int = 2000) -> dict[str, float]:
         else:
             torch.stack([a.to(torch.float64), b.to(torch.float64)]).tolist()
     out["loss and norm to the host"] = (time.perf_counter() - tick) / n
+    out["a do-nothing callback (3 per-step events)"] = time_idle_callback(n)
     if env.world_size > 1:
         flag = torch.zeros(1, device=env.device)
         dist.barrier()
@@ -419,6 +420,36 @@ def time_extras(env: Any, scratch: Path, n: int = 2000) -> dict[str, float]:
             int(flag.item())
         out["stop-flag all_reduce"] = (time.perf_counter() - tick) / (n // 10)
     return out
+
+
+def time_idle_callback(n: int, many: int = 10) -> float:
+    """Seconds a step that one registered callback doing nothing adds: `many` of them, each with the
+    events a step fires (before the optimizer step, its end, and rank 0's metrics line), fired as the
+    Trainer fires them, against none; divided by `many`."""
+    from disttrain.callbacks import Callbacks
+
+    class Idle:
+        def on_before_optimizer_step(self, run: Any) -> None: ...
+        def on_step_end(self, run: Any) -> None: ...
+        def on_log(self, run: Any, record: dict[str, Any]) -> None: ...
+
+    record: dict[str, Any] = {"step": 1}
+    took = []
+    for count in (0, many):
+        callbacks = Callbacks([Idle() for _ in range(count)])
+        before, end, line = (
+            callbacks.handlers[e] for e in ("on_before_optimizer_step", "on_step_end", "on_log")
+        )
+        tick = time.perf_counter()
+        for _ in range(n):
+            if before:
+                callbacks.fire("on_before_optimizer_step", None)
+            if end:
+                callbacks.fire("on_step_end", None)
+            if line:
+                callbacks.fire("on_log", None, record)
+        took.append((time.perf_counter() - tick) / n)
+    return (took[1] - took[0]) / many
 
 
 def cpu_name() -> str:

@@ -52,7 +52,8 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
     assert all(r["allreduce_ms"] > 0 for r in scaling), scaling
     for label in ("default", "bucket_cap_mb=1", "gradient_as_bucket_view=false", "static_graph=true"):
         assert f"mlp {label}" in printed
-    for label in ("metrics.jsonl line (1 process)", "stop-flag all_reduce (2 processes)"):
+    extras = ("metrics.jsonl line (1 process)", "stop-flag all_reduce (2 processes)")
+    for label in (*extras, "a do-nothing callback (3 per-step events) (1 process)"):
         assert label in printed
     row = next(r for r in rows if r.get("label") == "Trainer - hand, tiny model, 1 process")
     assert math.isfinite(row["us"]), row

@@ -21,7 +21,7 @@ LAYERS = [
     ["strategy"],
     ["sharded", "snapshot"],
     ["runlock", "health", "metrics", "progress"],
-    ["callbacks"],
+    ["callbacks", "loggers"],
     ["trainer"],
     ["worker"],
     ["compose", "conf"],
