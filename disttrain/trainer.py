@@ -11,6 +11,7 @@ from the environment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from disttrain import runlock, sharded
-from disttrain.callbacks import Callbacks, RunView
+from disttrain.callbacks import Callbacks, RunView, set_path
 from disttrain.config import (
     ConfigError,
     OptimConfig,
@@ -445,6 +446,7 @@ class Trainer:
         release = lambda: None  # noqa: E731
         try:
             release = self._hold_run_dir()
+            self.callbacks.fire("on_setup", self.run_view)
             self._load_snapshot()
             self.metrics.open(resume_step=self.counters.step)
             try:
@@ -959,6 +961,7 @@ class Trainer:
         batch_size = self.cfg.trainer.batch_size
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss × items, items
         means = ItemMeans()
+        self.callbacks.fire("on_validation_start", self.run_view)
         self.model.eval()
         for j, batch in enumerate(self.val_loader):
             # Rank r's k-th sample of batch j sits at global position r + world·(j·batch_size + k).
@@ -1019,15 +1022,17 @@ class Trainer:
             return
         self._log_summed_losses()  # every rank is at this step; the counters hold its loss
         self.metrics.flush()  # every line up to this step reaches the file before the snapshot does
+        # A callback's DTensors (its shards, under FSDP) go with the model's shards, every rank's own.
+        callback_state, callback_shards = self.callbacks.split_state()
         shared = {
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "counters": c.state_dict(),
-            "callbacks": self.callbacks.state_dict(),
+            "callbacks": callback_state,
         }
         write_sharded = None
         if self.strategy.shards_parameters:  # every rank writes its shards of the model and optimizer
-            write_sharded = self._write_shards
+            write_sharded = functools.partial(self._write_shards, extra=callback_shards)
         elif self.env.is_main:
             shared |= {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
@@ -1059,7 +1064,7 @@ class Trainer:
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])
-        self.callbacks.load_state_dict(shared.get("callbacks", {}))
+        self.callbacks.load_state_dict(self._callback_state(snap, shared.get("callbacks", {})))
         self._snapshot_step = snap.step
         written_by = snap.world_size
         if "samples_in_epoch" not in shared["counters"]:  # a snapshot from before the global position
@@ -1077,10 +1082,25 @@ class Trainer:
             log.info("resumed from %s (epoch %d, step %d%s)", snap.path, c.epoch, c.step, moved)
         return snap
 
-    def _write_shards(self, path: Path) -> None:
+    def _callback_state(self, snap: Snapshot, state: dict[str, Any]) -> dict[str, Any]:
+        """The callbacks' saved state, with the tensors a sharded snapshot holds for them loaded into
+        the ones their state_dict() has now (resharded to this job, DTensor or not)."""
+        if not snap.sharded:
+            return state
+        templates = self.callbacks.tensor_templates()
+        try:
+            loaded = sharded.load_tensors({k: t for k, (_, _, t) in templates.items()}, snap.path / DCP_DIR)
+        except sharded.ShardedStateError as e:
+            raise SnapshotError(f"cannot resume from {snap.path}: a callback's state differs: {e}") from None
+        for key, tensor in loaded.items():
+            name, path, _ = templates[key]
+            set_path(state.setdefault(name, {}), path, tensor)
+        return state
+
+    def _write_shards(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         assert isinstance(self.strategy, FSDPStrategy)  # the one strategy that shards parameters
         self.strategy.sync_buffers()  # rank 0's buffers, as every rank's next synchronised forward has
-        sharded.save(self.model, self.optimizer, path)
+        sharded.save(self.model, self.optimizer, path, extra)
 
     def _load_model_and_optimizer(self, snap: Snapshot, shared: dict[str, Any]) -> None:
         """A sharded snapshot (FSDP's) loads through DCP into any strategy, resharded to this job; a

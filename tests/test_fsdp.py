@@ -74,9 +74,18 @@ Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, cfg).fit()
 
 
 def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
-    job = [*GPT, *FSDP, "snapshot.every_steps=10"]
-    reference = disttrain(*job, f"run_dir={tmp_path / 'reference'}")
+    # With an EMA of the weights (every rank its shards'), and in the reference the same average by hand.
+    ema = [f"+callbacks.ema.{k}={v}" for k, v in {**HAND, "_target_": "disttrain.ema.EMA"}.items()]
+    job = [*GPT, *FSDP, "snapshot.every_steps=10", *ema]
+    hand = [f"+callbacks.hand.{k}={v}" for k, v in {**HAND, "out": tmp_path / "hand.pt"}.items()]
+    reference = disttrain(*job, *hand, f"run_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
+    averaged = final_weights(tmp_path / "reference", "--ema")
+    by_hand = torch.load(tmp_path / "hand.pt", weights_only=True)
+    assert set(by_hand) == set(averaged) - {"head.weight"}
+    assert torch.equal(averaged["head.weight"], averaged["tok.weight"])  # tied: one average, two names
+    for name, average in by_hand.items():
+        torch.testing.assert_close(averaged[name].double(), average, rtol=0, atol=1e-6)
     run_dir = tmp_path / "killed"
     kill_at_step(start(*job, f"run_dir={run_dir}"), run_dir, 25)
     snap = list_snapshots(run_dir / "snapshots")[0]
@@ -90,11 +99,18 @@ def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
     assert summary(run_dir)["params_sha256"] == summary(tmp_path / "reference")["params_sha256"]
     assert losses(run_dir) == losses(tmp_path / "reference")
     assert summary(run_dir)["strategy"] == "fsdp"
+    # The average resumed from every rank's shards, bit for bit.
+    resumed = final_weights(run_dir, "--ema")
+    for name, average in averaged.items():
+        assert torch.equal(resumed[name], average), name
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+HAND = {"_target_": "tests.callbacks.HandEMA", "decay": 0.9, "start_step": 3}
+
+
+def final_weights(run_dir: Path, *options: str) -> dict[str, torch.Tensor]:
     out = run_dir / "exported.pt"
-    res = disttrain("export", str(run_dir), "-o", str(out))
+    res = disttrain("export", str(run_dir), "-o", str(out), *options)
     assert res.returncode == 0, res.stderr
     return torch.load(out, weights_only=True)
 
