@@ -139,9 +139,13 @@ class RunView:
             "grad_norm": self._trainer.grad_norm,
         }
 
-    def request_stop(self, reason: str = "") -> None:
-        """Stop the run at a step boundary soon (every rank at the same step), with a snapshot."""
-        self._trainer.request_callback_stop(self._trainer.callbacks.current, reason)
+    def request_stop(self, reason: str = "", all_ranks: bool = False) -> None:
+        """Stop the run at a step boundary soon (every rank at the same step), with a snapshot.
+
+        `all_ranks=True` promises that every rank asks at this same event (a decision made from values
+        the ranks agree on, such as a validation's metrics): the run then stops at this step, without
+        waiting for the ranks' agreement. A rank that does not ask would wait for the others forever."""
+        self._trainer.request_callback_stop(self._trainer.callbacks.current, reason, all_ranks)
 
 
 class Callbacks:

@@ -47,6 +47,7 @@ from disttrain.config import (
 )
 from disttrain.data import make_loader, one_sample_micro_batches, training_splits
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
+from disttrain.early_stopping import EarlyStopping
 from disttrain.health import GradHealth, Verdict, full, grad_flow, halve_lr
 from disttrain.metrics import (
     ItemMeans,
@@ -83,6 +84,8 @@ NO_CONTEXT = contextlib.nullcontext()
 STOP_CHECK_SECONDS = 0.1
 #: trainer.compile: steps after which the Trainer looks at what torch.compile did (_say_how_compile_went).
 COMPILE_CHECK_STEPS = 5
+#: The name of trainer.early_stop_patience's callback; a stop it asks for is summed up as `early_stop`.
+EARLY_STOP = "early_stop"
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -292,6 +295,10 @@ class Trainer:
         check_model(model)
         _check_optimizer(optimizer, model)
         self.callbacks = Callbacks(callbacks)
+        patience = cfg.trainer.early_stop_patience
+        if patience and EARLY_STOP not in self.callbacks.named:  # the config's shorthand for the callback
+            early_stop = EarlyStopping(monitor="val_loss", patience=patience)
+            self.callbacks = Callbacks({**self.callbacks.named, EARLY_STOP: early_stop})
         #: The events that fire every step, looked up once (an event without handlers costs a test).
         self._on_before_optimizer_step = self.callbacks.handlers["on_before_optimizer_step"]
         self._on_step_end = self.callbacks.handlers["on_step_end"]
@@ -359,6 +366,7 @@ class Trainer:
         self._pending: dict[str, Any] = {}  # loader and RNG state from a snapshot, applied at epoch start
         self._stop_signal = 0
         self._callback_stop = 0  # 1 + the index of the callback that asked the run to stop
+        self._agreed_stop = 0  # the same, asked by every rank at once (request_stop(all_ranks=True))
         # The ranks' agreement on stopping, see _stop_requested_anywhere: the all-reduce in flight and
         # its tensor, the step at which the next one starts, and (step, time) when the last one started.
         self._stop_flag = torch.zeros(3)
@@ -527,8 +535,11 @@ class Trainer:
         The first signal names the stop; later ones change nothing."""
         self._stop_signal = self._stop_signal or signum
 
-    def request_callback_stop(self, name: str, reason: str) -> None:
-        """A callback's stop (RunView.request_stop): like a signal's, agreed by the ranks."""
+    def request_callback_stop(self, name: str, reason: str, all_ranks: bool = False) -> None:
+        """A callback's stop (RunView.request_stop): like a signal's, agreed by the ranks; or at this
+        step, when every rank asks at once (all_ranks)."""
+        if all_ranks and not self._agreed_stop:
+            self._agreed_stop = 1 + self.callbacks.index(name)
         if not self._callback_stop:
             self._callback_stop = 1 + self.callbacks.index(name)
             log.warning(
@@ -542,11 +553,17 @@ class Trainer:
         t, c = self.cfg.trainer, self.counters
         if self._stop_reason:
             return True
-        if self.env.world_size == 1:
+        asked: int | bool
+        if self._agreed_stop:
+            self._callback_stop = self._agreed_stop
+            asked = True
+        elif self.env.world_size == 1:
             asked = self._stop_signal or self._callback_stop
         else:
             asked = self._stop_requested_anywhere()
-        if asked and self._stop_signal:
+        if self._agreed_stop and self.callbacks.name_at(self._agreed_stop - 1) == EARLY_STOP:
+            self._stop_reason = "early_stop"  # trainer.early_stop_patience's callback: its old name
+        elif asked and self._stop_signal:
             self._stop_reason = f"stopped by signal {signal.Signals(self._stop_signal).name}"
         elif asked:
             self._stop_reason = f"stopped by callback {self.callbacks.name_at(self._callback_stop - 1)}"
@@ -554,8 +571,6 @@ class Trainer:
             self._stop_reason = "max_steps"
         elif c.epoch >= t.max_epochs:
             self._stop_reason = "max_epochs"
-        elif t.early_stop_patience and c.bad_validations >= t.early_stop_patience:
-            self._stop_reason = "early_stop"
         return bool(self._stop_reason)
 
     def _stop_requested_anywhere(self) -> bool:

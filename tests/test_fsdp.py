@@ -78,8 +78,14 @@ def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
     ema = [f"+callbacks.ema.{k}={v}" for k, v in {**HAND, "_target_": "disttrain.ema.EMA"}.items()]
     job = [*GPT, *FSDP, "snapshot.every_steps=10", *ema]
     hand = [f"+callbacks.hand.{k}={v}" for k, v in {**HAND, "out": tmp_path / "hand.pt"}.items()]
-    reference = disttrain(*job, *hand, f"run_dir={tmp_path / 'reference'}")
+    # The reference is profiled too (steps 4-6), which changes nothing it computes.
+    profiler = ["+callbacks.profiler._target_=disttrain.profiler.Profiler", "+callbacks.profiler.wait=2"]
+    reference = disttrain(*job, *hand, *profiler, f"run_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
+    traces = sorted((tmp_path / "reference" / "profile").iterdir())
+    assert [p.name for p in traces] == [f"rank{r:05d}.step00000006.trace.json" for r in (0, 1)]
+    for trace in traces:  # one per rank, each with its own process's events
+        assert json.loads(trace.read_text())["traceEvents"]
     averaged = final_weights(tmp_path / "reference", "--ema")
     by_hand = torch.load(tmp_path / "hand.pt", weights_only=True)
     assert set(by_hand) == set(averaged) - {"head.weight"}
