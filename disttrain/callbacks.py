@@ -35,7 +35,7 @@ called); a callback that raises stops the run in one line naming the callback an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,6 +138,12 @@ class RunView:
             "best_val_loss": c.best_val_loss,
             "grad_norm": self._trainer.grad_norm,
         }
+
+    def keep_snapshots(self, steps: Iterable[int]) -> None:
+        """Retention keeps the snapshots of these steps besides the `snapshot.keep_last` newest ones
+        (each call replaces the set; disttrain.best_snapshots uses it). A step with no snapshot is
+        ignored; a snapshot that fails verification is deleted all the same."""
+        self._trainer.snapshots.protect(steps)
 
     def request_stop(self, reason: str = "", all_ranks: bool = False) -> None:
         """Stop the run at a step boundary soon (every rank at the same step), with a snapshot.
