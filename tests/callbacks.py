@@ -22,6 +22,9 @@ class Recorder(Callback):
         with open(self.out / f"rank{run.rank}.txt", "a") as f:
             f.write(f"{what} {run.step} {run.epoch}\n")
 
+    def on_setup(self, run: RunView) -> None:
+        self._write(run, "setup")
+
     def on_fit_start(self, run: RunView) -> None:
         self._write(run, "fit_start")
 
@@ -33,6 +36,9 @@ class Recorder(Callback):
 
     def on_step_end(self, run: RunView) -> None:
         self._write(run, "step_end")
+
+    def on_validation_start(self, run: RunView) -> None:
+        self._write(run, "validation_start")
 
     def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
         self._write(run, f"validation_end {sorted(metrics)}")

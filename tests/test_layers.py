@@ -22,6 +22,7 @@ LAYERS = [
     ["sharded", "snapshot"],
     ["runlock", "health", "metrics", "progress"],
     ["callbacks"],
+    ["ema", "early_stopping", "best_snapshots", "profiler"],
     ["trainer"],
     ["worker"],
     ["compose", "conf"],
