@@ -135,6 +135,8 @@ def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, first, the
     # never interrupted within fp32 reduction tolerance.
     # A constant learning rate: a cosine schedule spans max_steps, which the first life sets to 10.
     job = [*GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "optim.schedule=constant"]
+    # With an EMA of the weights: its state moves between shards and full tensors too.
+    job += ["+callbacks.ema._target_=disttrain.ema.EMA", "+callbacks.ema.decay=0.95"]
     reference = disttrain(*job, *FSDP, f"run_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "run"
@@ -143,9 +145,10 @@ def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, first, the
     again = disttrain(*job, *then, f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr and summary(run_dir)["steps"] == 30
-    expected = final_weights(tmp_path / "reference")
-    for name, tensor in final_weights(run_dir).items():
-        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
+    for options in ((), ("--ema",)):
+        expected = final_weights(tmp_path / "reference", *options)
+        for name, tensor in final_weights(run_dir, *options).items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
 
 
 def test_export_writes_the_full_model_that_a_plain_model_loads(tmp_path) -> None:
