@@ -3,12 +3,15 @@
 A callback is any object with some of these methods (subclassing `Callback` is optional: it documents
 the signatures and makes every event a no-op until overridden):
 
+    on_setup(run)                        the run is built, before a resume loads its snapshot: make
+                                         state shaped like the model here (it is then loaded into)
     on_fit_start(run)                    training starts (after a resume: at the snapshot's step)
     on_epoch_start(run)                  an epoch starts (mid-epoch after a resume)
     on_before_optimizer_step(run)        the step's gradients are final (summed over ranks, unscaled,
                                          clipped); the optimizer steps next
     on_step_end(run)                     an optimizer step ended (run.step counts it)
     on_log(run, record)                  rank 0 only: a line of metrics.jsonl (a step's or a validation's)
+    on_validation_start(run)             a validation starts (the model is in eval mode next)
     on_validation_end(run, metrics)      a validation ended: {"val_loss": ..., "val_<metric>": ...}
     on_snapshot(run, step)               the snapshot of `step` was written (rank 0 commits it on its
                                          own thread; a failed commit stops the run)
@@ -25,14 +28,17 @@ signal, so every rank stops at the same step, with a snapshot, whichever rank as
 
 A callback with `state_dict()` and `load_state_dict(state)` is part of the snapshot (rank 0's state,
 under the callback's name) and resumes with it, also on another number of processes: its state must
-then be the same on every rank, as it is for a callback that decides from values the ranks agree on. A
+then be the same on every rank, as it is for a callback that decides from values the ranks agree on.
+DTensors in a callback's state (shards, under FSDP) are every rank's own: they go into the snapshot's
+sharded part (DCP, with the model's shards) and are loaded, resharded, into the tensors its state_dict()
+returns on resume (make them in `on_setup`). A
 method named `on_...` that is not one of the events is refused in one line (a typo would never be
 called); a callback that raises stops the run in one line naming the callback and the event.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +49,13 @@ if TYPE_CHECKING:
     from torch import nn
 
 EVENTS = (
+    "on_setup",
     "on_fit_start",
     "on_epoch_start",
     "on_before_optimizer_step",
     "on_step_end",
     "on_log",
+    "on_validation_start",
     "on_validation_end",
     "on_snapshot",
     "on_epoch_end",
@@ -59,11 +67,13 @@ EVENTS = (
 class Callback:
     """A base class for callbacks whose every event does nothing; override the ones you need."""
 
+    def on_setup(self, run: RunView) -> None: ...
     def on_fit_start(self, run: RunView) -> None: ...
     def on_epoch_start(self, run: RunView) -> None: ...
     def on_before_optimizer_step(self, run: RunView) -> None: ...
     def on_step_end(self, run: RunView) -> None: ...
     def on_log(self, run: RunView, record: dict[str, Any]) -> None: ...
+    def on_validation_start(self, run: RunView) -> None: ...
     def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None: ...
     def on_snapshot(self, run: RunView, step: int) -> None: ...
     def on_epoch_end(self, run: RunView) -> None: ...
@@ -139,9 +149,19 @@ class RunView:
             "grad_norm": self._trainer.grad_norm,
         }
 
-    def request_stop(self, reason: str = "") -> None:
-        """Stop the run at a step boundary soon (every rank at the same step), with a snapshot."""
-        self._trainer.request_callback_stop(self._trainer.callbacks.current, reason)
+    def keep_snapshots(self, steps: Iterable[int]) -> None:
+        """Retention keeps the snapshots of these steps besides the `snapshot.keep_last` newest ones
+        (each call replaces the set; disttrain.best_snapshots uses it). A step with no snapshot is
+        ignored; a snapshot that fails verification is deleted all the same."""
+        self._trainer.snapshots.protect(steps)
+
+    def request_stop(self, reason: str = "", all_ranks: bool = False) -> None:
+        """Stop the run at a step boundary soon (every rank at the same step), with a snapshot.
+
+        `all_ranks=True` promises that every rank asks at this same event (a decision made from values
+        the ranks agree on, such as a validation's metrics): the run then stops at this step, without
+        waiting for the ranks' agreement. A rank that does not ask would wait for the others forever."""
+        self._trainer.request_callback_stop(self._trainer.callbacks.current, reason, all_ranks)
 
 
 class Callbacks:
@@ -188,6 +208,23 @@ class Callbacks:
     def state_dict(self) -> dict[str, Any]:
         return {name: cb.state_dict() for name, cb in self.named.items() if hasattr(cb, "state_dict")}
 
+    def split_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(every callback's state without its DTensors, {sharded key: DTensor}): the first goes into
+        shared.pt (rank 0's), the second into the sharded part of the snapshot (every rank's shards)."""
+        plain: dict[str, Any] = {}
+        shards: dict[str, Any] = {}
+        for name, state in self.state_dict().items():
+            plain[name] = _split(state, f"{SHARDED_PREFIX}{name}", shards)
+        return plain, shards
+
+    def tensor_templates(self) -> dict[str, tuple[str, tuple[str, ...], Any]]:
+        """{sharded key: (callback name, path in its state, tensor)} of every tensor in the callbacks'
+        state now: what a sharded snapshot's callback tensors load into (resharded to this job)."""
+        found: dict[str, tuple[str, tuple[str, ...], Any]] = {}
+        for name, state in self.state_dict().items():
+            _tensors(state, f"{SHARDED_PREFIX}{name}", (), name, found)
+        return found
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name, callback in self.named.items():
             if name in state and hasattr(callback, "load_state_dict"):
@@ -196,6 +233,44 @@ class Callbacks:
                 except Exception as e:
                     why = describe_exception(e)
                     raise CallbackError(f"callback {name} raised in load_state_dict: {why}") from e
+
+
+#: Keys of callback tensors in a sharded snapshot: `callbacks.NAME.PATH` (PATH joins the state's keys).
+SHARDED_PREFIX = "callbacks."
+
+
+def _is_dtensor(value: Any) -> bool:
+    return hasattr(value, "placements") and hasattr(value, "to_local")
+
+
+def _split(state: Any, key: str, shards: dict[str, Any]) -> Any:
+    """`state` without its DTensors (nested dicts walked), which go into `shards` under their keys."""
+    if isinstance(state, Mapping):
+        out = {}
+        for k, v in state.items():
+            if _is_dtensor(v):
+                shards[f"{key}.{k}"] = v
+            else:
+                out[k] = _split(v, f"{key}.{k}", shards)
+        return out
+    return state
+
+
+def _tensors(
+    state: Any, key: str, path: tuple[str, ...], name: str, found: dict[str, tuple[str, tuple[str, ...], Any]]
+) -> None:
+    if isinstance(state, Mapping):
+        for k, v in state.items():
+            _tensors(v, f"{key}.{k}", (*path, str(k)), name, found)
+    elif hasattr(state, "is_floating_point") and path:  # a tensor (or DTensor)
+        found[key] = (name, path, state)
+
+
+def set_path(state: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """state[path[0]][path[1]]... = value, making the dicts on the way."""
+    for k in path[:-1]:
+        state = state.setdefault(k, {})
+    state[path[-1]] = value
 
 
 def named_callbacks(callbacks: Sequence[Any]) -> dict[str, Any]:

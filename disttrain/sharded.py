@@ -104,9 +104,42 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def save(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Collective: every rank writes its shards of the model and optimizer state into `path`."""
-    dcp.save(_state(model, optimizer), checkpoint_id=str(path))
+def save(
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: Path, extra: dict[str, Any] | None = None
+) -> None:
+    """Collective: every rank writes its shards of the model and optimizer state into `path`, and of the
+    tensors in `extra` ({key: DTensor}, a callback's: disttrain.callbacks.SHARDED_PREFIX)."""
+    dcp.save({**_state(model, optimizer), **(extra or {})}, checkpoint_id=str(path))
+
+
+def load_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Collective: those of `tensors` ({key: DTensor or tensor}) that the checkpoint in `path` holds,
+    loaded in place (resharded to this job); the ones loaded, by key."""
+    held = SafeReader(str(path)).read_metadata().state_dict_metadata
+    state = {key: t for key, t in tensors.items() if isinstance(held.get(key), TensorStorageMetadata)}
+    if state:
+        try:
+            dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner())
+        except BaseException as e:
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ShardedStateError(first_failure(e)) from None
+    return state
+
+
+def read_tensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Every full tensor of a sharded checkpoint whose key starts with `prefix`, in this process, without
+    a process group, by its key without the prefix."""
+    reader = SafeReader(str(path))
+    metadata = reader.read_metadata()
+    state = {
+        fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for fqn, meta in metadata.state_dict_metadata.items()
+        if fqn.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    if state:
+        dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=True)
+    return {fqn.removeprefix(prefix): tensor for fqn, tensor in state.items()}
 
 
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -161,12 +194,4 @@ def _named_optimizer_state(state: dict[str, Any], names: list[str]) -> dict[str,
 def read_model(path: Path) -> dict[str, torch.Tensor]:
     """The full model state of a sharded checkpoint, in this process, without a model or a process
     group: every `model.*` tensor the metadata lists, allocated and loaded (for `disttrain export`)."""
-    reader = SafeReader(str(path))
-    metadata = reader.read_metadata()
-    state = {
-        fqn: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for fqn, meta in metadata.state_dict_metadata.items()
-        if fqn.startswith("model.") and isinstance(meta, TensorStorageMetadata)
-    }
-    dcp.load(state, storage_reader=reader, planner=SafePlanner(), no_dist=True)
-    return {fqn.removeprefix("model."): tensor for fqn, tensor in state.items()}
+    return read_tensors(path, "model.")

@@ -18,8 +18,9 @@ Rules:
 - `snapshots/` that is there but is no directory (a dangling symlink, a file) stops the run in one line:
   read as "no snapshot", it would restart the run from step 0 and cut metrics.jsonl back to nothing.
 - Loading never unpickles code (`torch.load(weights_only=True)`).
-- Retention keeps the `keep_last` newest snapshots that verify and deletes only older ones and ones that
-  failed verification: the newest good snapshot is never deleted, whatever happens to newer writes.
+- Retention keeps the `keep_last` newest snapshots that verify, and those a callback protects (the best
+  ones by a metric: disttrain.best_snapshots), and deletes only older ones and ones that failed
+  verification: the newest good snapshot is never deleted, whatever happens to newer writes.
 - Cost: training waits only while the state is serialised (as long as a bare torch.save). Rank 0 then
   hashes, fsyncs and commits on a background thread; the next save, `wait()` (the trainer's last call)
   and `find_latest()` wait for it, and a commit that failed is raised there, in one line, on every rank.
@@ -363,6 +364,9 @@ class SnapshotStore:
         self._good: set[int] = set()
         # Steps whose snapshot failed verification at start-up: retention may delete them.
         self._bad: set[int] = set()
+        # Steps retention keeps besides the keep_last newest (a callback's best ones): replaced whole,
+        # so rank 0's commit thread reads one set or the next.
+        self.protected: frozenset[int] = frozenset()
         self._pool: ThreadPoolExecutor | None = None
         self._committing: Future | None = None
         self._commit_failure: tuple[str, str] | None = None
@@ -611,11 +615,19 @@ class SnapshotStore:
             os.rename(staging, final)
         fsync_dir(self.dir)
 
+    def protect(self, steps: Any) -> None:
+        """Keep the snapshots of `steps` too (replacing the set given before), whatever keep_last says."""
+        self.protected = frozenset(int(s) for s in steps)
+
     def _prune(self) -> None:
-        """Delete snapshots older than the keep_last-th newest good one, and ones known not to verify."""
+        """Delete snapshots older than the keep_last-th newest good one unless protected, and ones known
+        not to verify."""
         kept = sorted(self._good, reverse=True)[: self.keep_last]
+        protected = self.protected
         for snap in list_snapshots(self.dir):
-            if snap.step not in kept and (snap.step < kept[-1] or snap.step in self._bad):
+            if snap.step in kept:
+                continue
+            if snap.step in self._bad or (snap.step < kept[-1] and snap.step not in protected):
                 shutil.rmtree(snap.path, ignore_errors=True)
                 self._good.discard(snap.step)
                 self._bad.discard(snap.step)

@@ -11,6 +11,7 @@ from the environment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
@@ -33,7 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from disttrain import runlock
-from disttrain.callbacks import CallbackError, Callbacks, RunView
+from disttrain.callbacks import CallbackError, Callbacks, RunView, set_path
 from disttrain.config import (
     ConfigError,
     OptimConfig,
@@ -47,6 +48,7 @@ from disttrain.config import (
 )
 from disttrain.data import make_loader, one_sample_micro_batches, training_splits
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
+from disttrain.early_stopping import EarlyStopping
 from disttrain.health import GradHealth, Verdict, full, grad_flow, halve_lr
 from disttrain.loggers import with_config_loggers
 from disttrain.metrics import (
@@ -83,6 +85,8 @@ NO_CONTEXT = contextlib.nullcontext()
 STOP_CHECK_SECONDS = 0.1
 #: trainer.compile: steps after which the Trainer looks at what torch.compile did (_say_how_compile_went).
 COMPILE_CHECK_STEPS = 5
+#: The name of trainer.early_stop_patience's callback; a stop it asks for is summed up as `early_stop`.
+EARLY_STOP = "early_stop"
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -290,6 +294,10 @@ class Trainer:
         check_model(model)
         _check_optimizer(optimizer, model)
         self.callbacks = Callbacks(with_config_loggers(callbacks, cfg.logger))
+        patience = cfg.trainer.early_stop_patience
+        if patience and EARLY_STOP not in self.callbacks.named:  # the config's shorthand for the callback
+            early_stop = EarlyStopping(monitor="val_loss", patience=patience)
+            self.callbacks = Callbacks({**self.callbacks.named, EARLY_STOP: early_stop})
         #: The events that fire every step, looked up once (an event without handlers costs a test).
         self._on_before_optimizer_step = self.callbacks.handlers["on_before_optimizer_step"]
         self._on_step_end = self.callbacks.handlers["on_step_end"]
@@ -356,6 +364,7 @@ class Trainer:
         self._pending: dict[str, Any] = {}  # loader and RNG state from a snapshot, applied at epoch start
         self._stop_signal = 0
         self._callback_stop = 0  # 1 + the index of the callback that asked the run to stop
+        self._agreed_stop = 0  # the same, asked by every rank at once (request_stop(all_ranks=True))
         # The ranks' agreement on stopping, see _stop_requested_anywhere: the all-reduce in flight and
         # its tensor, the step at which the next one starts, and (step, time) when the last one started.
         self._stop_flag = torch.zeros(3)
@@ -443,6 +452,7 @@ class Trainer:
         release = lambda: None  # noqa: E731
         try:
             release = self._hold_run_dir()
+            self.callbacks.fire("on_setup", self.run_view)
             self._load_snapshot()
             self.metrics.open(resume_step=self.counters.step)
             try:
@@ -525,8 +535,11 @@ class Trainer:
         The first signal names the stop; later ones change nothing."""
         self._stop_signal = self._stop_signal or signum
 
-    def request_callback_stop(self, name: str, reason: str) -> None:
-        """A callback's stop (RunView.request_stop): like a signal's, agreed by the ranks."""
+    def request_callback_stop(self, name: str, reason: str, all_ranks: bool = False) -> None:
+        """A callback's stop (RunView.request_stop): like a signal's, agreed by the ranks; or at this
+        step, when every rank asks at once (all_ranks)."""
+        if all_ranks and not self._agreed_stop:
+            self._agreed_stop = 1 + self.callbacks.index(name)
         if not self._callback_stop:
             self._callback_stop = 1 + self.callbacks.index(name)
             log.warning(
@@ -540,11 +553,17 @@ class Trainer:
         t, c = self.cfg.trainer, self.counters
         if self._stop_reason:
             return True
-        if self.env.world_size == 1:
+        asked: int | bool
+        if self._agreed_stop:
+            self._callback_stop = self._agreed_stop
+            asked = True
+        elif self.env.world_size == 1:
             asked = self._stop_signal or self._callback_stop
         else:
             asked = self._stop_requested_anywhere()
-        if asked and self._stop_signal:
+        if self._agreed_stop and self.callbacks.name_at(self._agreed_stop - 1) == EARLY_STOP:
+            self._stop_reason = "early_stop"  # trainer.early_stop_patience's callback: its old name
+        elif asked and self._stop_signal:
             self._stop_reason = f"stopped by signal {signal.Signals(self._stop_signal).name}"
         elif asked:
             self._stop_reason = f"stopped by callback {self.callbacks.name_at(self._callback_stop - 1)}"
@@ -552,8 +571,6 @@ class Trainer:
             self._stop_reason = "max_steps"
         elif c.epoch >= t.max_epochs:
             self._stop_reason = "max_epochs"
-        elif t.early_stop_patience and c.bad_validations >= t.early_stop_patience:
-            self._stop_reason = "early_stop"
         return bool(self._stop_reason)
 
     def _stop_requested_anywhere(self) -> bool:
@@ -959,6 +976,7 @@ class Trainer:
         batch_size = self.cfg.trainer.batch_size
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss × items, items
         means = ItemMeans()
+        self.callbacks.fire("on_validation_start", self.run_view)
         self.model.eval()
         for j, batch in enumerate(self.val_loader):
             # Rank r's k-th sample of batch j sits at global position r + world·(j·batch_size + k).
@@ -1019,15 +1037,17 @@ class Trainer:
             return
         self._log_summed_losses()  # every rank is at this step; the counters hold its loss
         self.metrics.flush()  # every line up to this step reaches the file before the snapshot does
+        # A callback's DTensors (its shards, under FSDP) go with the model's shards, every rank's own.
+        callback_state, callback_shards = self.callbacks.split_state()
         shared = {
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "counters": c.state_dict(),
-            "callbacks": self.callbacks.state_dict(),
+            "callbacks": callback_state,
         }
         write_sharded = None
         if self.strategy.shards_parameters:  # every rank writes its shards of the model and optimizer
-            write_sharded = self._write_shards
+            write_sharded = functools.partial(self._write_shards, extra=callback_shards)
         elif self.env.is_main:
             shared |= {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
         # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
@@ -1059,7 +1079,7 @@ class Trainer:
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.counters.load_state_dict(shared["counters"])
-        self.callbacks.load_state_dict(shared.get("callbacks", {}))
+        self.callbacks.load_state_dict(self._callback_state(snap, shared.get("callbacks", {})))
         self._snapshot_step = snap.step
         written_by = snap.world_size
         if "samples_in_epoch" not in shared["counters"]:  # a snapshot from before the global position
@@ -1077,12 +1097,29 @@ class Trainer:
             log.info("resumed from %s (epoch %d, step %d%s)", snap.path, c.epoch, c.step, moved)
         return snap
 
-    def _write_shards(self, path: Path) -> None:
+    def _callback_state(self, snap: Snapshot, state: dict[str, Any]) -> dict[str, Any]:
+        """The callbacks' saved state, with the tensors a sharded snapshot holds for them loaded into
+        the ones their state_dict() has now (resharded to this job, DTensor or not)."""
+        if not snap.sharded:
+            return state
+        from disttrain import sharded
+
+        templates = self.callbacks.tensor_templates()
+        try:
+            loaded = sharded.load_tensors({k: t for k, (_, _, t) in templates.items()}, snap.path / DCP_DIR)
+        except sharded.ShardedStateError as e:
+            raise SnapshotError(f"cannot resume from {snap.path}: a callback's state differs: {e}") from None
+        for key, tensor in loaded.items():
+            name, path, _ = templates[key]
+            set_path(state.setdefault(name, {}), path, tensor)
+        return state
+
+    def _write_shards(self, path: Path, extra: dict[str, Any] | None = None) -> None:
         assert isinstance(self.strategy, FSDPStrategy)  # the one strategy that shards parameters
         from disttrain import sharded  # DCP's import is a large share of a worker's start: FSDP jobs only
 
         self.strategy.sync_buffers()  # rank 0's buffers, as every rank's next synchronised forward has
-        sharded.save(self.model, self.optimizer, path)
+        sharded.save(self.model, self.optimizer, path, extra)
 
     def _load_model_and_optimizer(self, snap: Snapshot, shared: dict[str, Any]) -> None:
         """A sharded snapshot (FSDP's) loads through DCP into any strategy, resharded to this job; a

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from disttrain.callbacks import Callback, RunView
 
 
@@ -20,6 +22,9 @@ class Recorder(Callback):
         with open(self.out / f"rank{run.rank}.txt", "a") as f:
             f.write(f"{what} {run.step} {run.epoch}\n")
 
+    def on_setup(self, run: RunView) -> None:
+        self._write(run, "setup")
+
     def on_fit_start(self, run: RunView) -> None:
         self._write(run, "fit_start")
 
@@ -31,6 +36,9 @@ class Recorder(Callback):
 
     def on_step_end(self, run: RunView) -> None:
         self._write(run, "step_end")
+
+    def on_validation_start(self, run: RunView) -> None:
+        self._write(run, "validation_start")
 
     def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
         self._write(run, f"validation_end {sorted(metrics)}")
@@ -90,3 +98,31 @@ class Raises(Callback):
     def on_step_end(self, run: RunView) -> None:
         if run.step == self.step:
             raise ValueError(f"no good at step {run.step}")
+
+
+class HandEMA(Callback):
+    """The average disttrain.ema.EMA keeps, written out by hand in float64 over this rank's own weights
+    (a DTensor's shard under FSDP); at the end rank 0 saves the full average to `out` (a test script's
+    gather, the one thing EMA itself never does)."""
+
+    def __init__(self, decay: float, start_step: int = 0, every_n_steps: int = 1, out: str = "") -> None:
+        self.decay, self.start, self.every, self.out = decay, start_step, every_n_steps, out
+        self.average: dict[str, Any] = {}
+
+    def _weights(self, run: RunView) -> dict[str, Any]:
+        return {n: p.detach().to(torch.float64) for n, p in run.model.named_parameters()}
+
+    def on_fit_start(self, run: RunView) -> None:
+        self.average = self._weights(run)
+
+    def on_step_end(self, run: RunView) -> None:
+        if run.step <= self.start:
+            self.average = self._weights(run)
+        elif (run.step - self.start) % self.every == 0:
+            w, d = self._weights(run), self.decay
+            self.average = {n: d * e + (1 - d) * w[n] for n, e in self.average.items()}
+
+    def on_fit_end(self, run: RunView, summary: dict[str, Any]) -> None:
+        full = {n: e.full_tensor() if hasattr(e, "full_tensor") else e for n, e in self.average.items()}
+        if self.out and run.is_main:
+            torch.save(full, self.out)

@@ -44,7 +44,7 @@ def test_the_events_come_in_their_documented_order(tmp_path) -> None:
             seen.append(record)
 
     regression_trainer(tmp_path / "run", [Recorder(str(tmp_path / "events")), Lines()]).fit()
-    expected = ["fit_start 0 0"]
+    expected = ["setup 0 0", "fit_start 0 0"]
     for epoch in (0, 1):
         expected.append(f"epoch_start {5 * epoch} {epoch}")
         for step in range(5 * epoch + 1, 5 * epoch + 6):
@@ -52,7 +52,8 @@ def test_the_events_come_in_their_documented_order(tmp_path) -> None:
             if step % 2 == 0 and step % 5:
                 expected.append(f"snapshot {step} {step} {epoch}")
         end = 5 * epoch + 5  # the epoch has ended: validation, snapshot, then its own event
-        expected += [f"validation_end ['val_loss'] {end} {epoch + 1}", f"snapshot {end} {end} {epoch + 1}"]
+        expected += [f"validation_start {end} {epoch + 1}", f"validation_end ['val_loss'] {end} {epoch + 1}"]
+        expected.append(f"snapshot {end} {end} {epoch + 1}")
         expected.append(f"epoch_end {end} {epoch + 1}")
     expected.append("fit_end max_epochs 10 2")
     assert events(tmp_path / "events") == expected

@@ -75,9 +75,24 @@ Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, cfg).fit()
 
 
 def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
-    job = [*GPT, *FSDP, "snapshot.every_steps=10"]
-    reference = disttrain(*job, f"run_dir={tmp_path / 'reference'}")
+    # With an EMA of the weights (every rank its shards'), and in the reference the same average by hand.
+    ema = [f"+callbacks.ema.{k}={v}" for k, v in {**HAND, "_target_": "disttrain.ema.EMA"}.items()]
+    job = [*GPT, *FSDP, "snapshot.every_steps=10", *ema]
+    hand = [f"+callbacks.hand.{k}={v}" for k, v in {**HAND, "out": tmp_path / "hand.pt"}.items()]
+    # The reference is profiled too (steps 4-6), which changes nothing it computes.
+    profiler = ["+callbacks.profiler._target_=disttrain.profiler.Profiler", "+callbacks.profiler.wait=2"]
+    reference = disttrain(*job, *hand, *profiler, f"run_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
+    traces = sorted((tmp_path / "reference" / "profile").iterdir())
+    assert [p.name for p in traces] == [f"rank{r:05d}.step00000006.trace.json" for r in (0, 1)]
+    for trace in traces:  # one per rank, each with its own process's events
+        assert json.loads(trace.read_text())["traceEvents"]
+    averaged = final_weights(tmp_path / "reference", ema=True)
+    by_hand = torch.load(tmp_path / "hand.pt", weights_only=True)
+    assert set(by_hand) == set(averaged) - {"head.weight"}
+    assert torch.equal(averaged["head.weight"], averaged["tok.weight"])  # tied: one average, two names
+    for name, average in by_hand.items():
+        torch.testing.assert_close(averaged[name].double(), average, rtol=0, atol=1e-6)
     run_dir = tmp_path / "killed"
     kill_at_step(start(*job, f"run_dir={run_dir}"), run_dir, 25)
     snap = list_snapshots(run_dir / "snapshots")[0]
@@ -91,25 +106,36 @@ def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
     assert summary(run_dir)["params_sha256"] == summary(tmp_path / "reference")["params_sha256"]
     assert losses(run_dir) == losses(tmp_path / "reference")
     assert summary(run_dir)["strategy"] == "fsdp"
+    # The average resumed from every rank's shards, bit for bit.
+    resumed = final_weights(run_dir, ema=True)
+    for name, average in averaged.items():
+        assert torch.equal(resumed[name], average), name
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """What `disttrain export` writes (its own test runs the command), read in this process."""
-    return exported_state(run_dir)[1]
+HAND = {"_target_": "tests.callbacks.HandEMA", "decay": 0.9, "start_step": 3}
+
+
+def final_weights(run_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """What `disttrain export [--ema]` writes (its own test runs the command), read in this process."""
+    return exported_state(run_dir, ema)[1]
 
 
 #: The global batch is fixed (16), so the data continues exactly on any shape. A constant learning rate:
-#: a cosine schedule spans max_steps, which the first life sets to 10.
-MOVING = [*GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "optim.schedule=constant"]
+#: a cosine schedule spans max_steps, which the first life sets to 10. With an EMA of the weights: its
+#: state moves between shards and full tensors too.
+MOVING = [
+    *GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "optim.schedule=constant",
+    "+callbacks.ema._target_=disttrain.ema.EMA", "+callbacks.ema.decay=0.95",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def fsdp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The full weights of MOVING never interrupted, under FSDP on 2 processes."""
+def fsdp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, dict[str, torch.Tensor]]:
+    """The full weights (False) and their EMA (True) of MOVING never interrupted, FSDP on 2 processes."""
     run_dir = tmp_path_factory.mktemp("fsdp-reference") / "run"
     reference = disttrain(*MOVING, *FSDP, f"run_dir={run_dir}")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    return final_weights(run_dir)
+    return {ema: final_weights(run_dir, ema) for ema in (False, True)}
 
 
 @pytest.mark.parametrize(
@@ -122,15 +148,16 @@ def fsdp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Te
     ids=["ddp-to-fsdp", "fsdp-to-one-process", "fsdp-to-ddp"],
 )
 def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, fsdp_weights, first, then) -> None:
-    # The weights agree with the run never interrupted within fp32 reduction tolerance.
+    # The weights and their EMA agree with the run never interrupted within fp32 reduction tolerance.
     run_dir = tmp_path / "run"
     stopped = disttrain(*MOVING, *first, "trainer.max_steps=10", f"run_dir={run_dir}")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     again = disttrain(*MOVING, *then, f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr and summary(run_dir)["steps"] == 30
-    for name, tensor in final_weights(run_dir).items():
-        torch.testing.assert_close(tensor, fsdp_weights[name], rtol=1e-4, atol=1e-5)
+    for ema, expected in fsdp_weights.items():
+        for name, tensor in final_weights(run_dir, ema).items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
 
 
 def test_export_writes_the_full_model_that_a_plain_model_loads(tmp_path) -> None:
