@@ -128,6 +128,11 @@ class StrategyConfig:
     #: (less memory, one more all-gather per block and step). Between the micro-steps of an accumulation
     #: window the parameters stay gathered either way: accumulation adds no communication.
     reshard_after_forward: bool = True
+    #: FSDP: replica groups (HSDP). 1 shards over every process; R > 1 makes a 2-D mesh of R replicas ×
+    #: (processes ÷ R) shards: parameters are sharded inside a group and gradients all-reduced across the
+    #: groups. Across nodes use one replica per node (R = the number of nodes): the all-gathers of every
+    #: block stay inside a node, and only one gradient all-reduce per step crosses the network.
+    replicate: int = _number(1, low=1)
 
 
 @dataclass
@@ -639,6 +644,11 @@ def _validate_world(cfg: TrainConfig, world_size: int) -> None:
             "shards the model over the job's processes, and this job has 1; launch with torchrun "
             "(launcher=torchrun launcher.nproc_per_node=N)",
         )
+    replicate = cfg.strategy.replicate
+    if replicate > 1 and name != "fsdp":
+        _fail("strategy.replicate", replicate, f"needs strategy=fsdp (it is {name}): replicas of FSDP shards")
+    if name == "fsdp" and world_size % replicate:
+        _fail("strategy.replicate", replicate, f"must divide the job's {_processes(world_size)}")
     if name in ("single", "dp") and world_size > 1:
         _fail("strategy", name, f"runs in one process but this job has {world_size}; use strategy=ddp")
 

@@ -121,7 +121,11 @@ class FSDPStrategy(Strategy):
     Accumulation communicates once per optimizer step: on non-final micro-steps no reduce-scatter
     (set_requires_gradient_sync(False)) and no all-gather (parameters stay gathered between micro-steps:
     set_reshard_after_backward(False), and the blocks' set_reshard_after_forward(False)); the final
-    micro-step reshards as `strategy.reshard_after_forward` says and reduce-scatters once."""
+    micro-step reshards as `strategy.reshard_after_forward` says and reduce-scatters once.
+
+    `strategy.replicate=R` (HSDP): a 2-D mesh of R replica groups × (processes ÷ R) shards; each group
+    holds a whole copy of the model in shards, and gradients are reduce-scattered inside a group then
+    all-reduced across groups."""
 
     name = "fsdp"
     shards_parameters = True
@@ -136,7 +140,12 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        replicas = self.cfg.replicate
+        if replicas > 1:  # HSDP: fully_shard shards over the inner dimension and replicates over the outer
+            shape = (replicas, self.env.world_size // replicas)
+            mesh = init_device_mesh(self.env.device.type, shape, mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         dtype = _AUTOCAST.get(self.precision)
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         self._blocks = [
