@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("auto", "single", "ddp", "dp", "fsdp")
+CHECKPOINTING = ("none", "full", "selective")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("local", "torchrun", "multinode", "slurm")
 LOSSES = ("auto", "cross_entropy", "mse")
@@ -133,6 +134,11 @@ class StrategyConfig:
     #: groups. Across nodes use one replica per node (R = the number of nodes): the all-gathers of every
     #: block stay inside a node, and only one gradient all-reduce per step crosses the network.
     replicate: int = _number(1, low=1)
+    #: none | full | selective: recompute blocks' activations in backward instead of keeping them from
+    #: the forward (torch.utils.checkpoint, non-reentrant, with the RNG state kept so dropout recomputes
+    #: the same numbers). full: every block; selective: every other block (the first, third, ...), half
+    #: the memory saved for half the recompute. The blocks are strategy.fsdp_blocks' (under any strategy).
+    activation_checkpointing: str = _choice("none", CHECKPOINTING)
 
 
 @dataclass

@@ -115,7 +115,9 @@ def fsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_hsdp_snapshot_killed_mid_epoch_resumes_on_1x4_then_2_then_1_process(tmp_path, fsdp_reference) -> None:
+def test_hsdp_snapshot_killed_mid_epoch_resumes_on_1x4_then_2_then_1_process(
+    tmp_path, fsdp_reference
+) -> None:
     # HSDP 2×2 (2 replicas of 2 shards), SIGKILLed mid-epoch; its DCP shards reshard into FSDP over 4
     # processes (1×4), then 2 processes, then one: every step's loss that of the run never interrupted.
     run_dir = tmp_path / "run"
@@ -206,6 +208,12 @@ BAD = [
         "strategy.replicate=2: needs strategy=fsdp (it is auto): replicas of FSDP shards",
     ),
     (
+        ["strategy.activation_checkpointing=full", "experiment=mlp_lm"],
+        "strategy.activation_checkpointing='full': finds no blocks in MLPLanguageModel (no nn.ModuleList, "
+        "no nn.Sequential of 2+ modules of one class); name them with strategy.fsdp_blocks (class or module "
+        "names)",
+    ),
+    (
         [*FSDP, "strategy.fsdp_blocks=[Nope]"],
         "strategy.fsdp_blocks='Nope': matches no module of CharGPT (its classes: Block, CausalSelfAttention, "
         "CharGPT, Embedding, GELU, LayerNorm, Linear, Sequential)",
@@ -213,7 +221,17 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), BAD, ids=["one-process", "replicate-not-dividing", "replicate-without-fsdp", "no-such-block"])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    BAD,
+    ids=[
+        "one-process",
+        "replicate-not-dividing",
+        "replicate-without-fsdp",
+        "no-blocks-to-checkpoint",
+        "no-such-block",
+    ],
+)
 def test_bad_fsdp_input_is_one_line_and_starts_nothing(tmp_path, overrides, message) -> None:
     res = disttrain(*GPT, *overrides, f"run_dir={tmp_path / 'run'}")
     assert (res.returncode, res.stderr) == (2, f"disttrain: error: {message}\n")
