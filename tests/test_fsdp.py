@@ -208,12 +208,6 @@ BAD = [
         "strategy.replicate=2: needs strategy=fsdp (it is auto): replicas of FSDP shards",
     ),
     (
-        ["strategy.activation_checkpointing=full", "experiment=mlp_lm"],
-        "strategy.activation_checkpointing='full': finds no blocks in MLPLanguageModel (no nn.ModuleList, "
-        "no nn.Sequential of 2+ modules of one class); name them with strategy.fsdp_blocks (class or module "
-        "names)",
-    ),
-    (
         [*FSDP, "strategy.fsdp_blocks=[Nope]"],
         "strategy.fsdp_blocks='Nope': matches no module of CharGPT (its classes: Block, CausalSelfAttention, "
         "CharGPT, Embedding, GELU, LayerNorm, Linear, Sequential)",
@@ -228,13 +222,23 @@ BAD = [
         "one-process",
         "replicate-not-dividing",
         "replicate-without-fsdp",
-        "no-blocks-to-checkpoint",
         "no-such-block",
     ],
 )
 def test_bad_fsdp_input_is_one_line_and_starts_nothing(tmp_path, overrides, message) -> None:
     res = disttrain(*GPT, *overrides, f"run_dir={tmp_path / 'run'}")
     assert (res.returncode, res.stderr) == (2, f"disttrain: error: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpointing_a_model_without_blocks_is_one_line_and_starts_nothing(tmp_path) -> None:
+    res = disttrain("strategy.activation_checkpointing=full", f"run_dir={tmp_path / 'run'}")  # the MLP
+    assert (res.returncode, res.stderr) == (
+        2,
+        "disttrain: error: strategy.activation_checkpointing='full': finds no blocks in MLPLanguageModel (no "
+        "nn.ModuleList, no nn.Sequential of 2+ modules of one class); name them with strategy.fsdp_blocks "
+        "(class or module names)\n",
+    )
     assert not (tmp_path / "run").exists()
 
 
