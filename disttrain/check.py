@@ -9,6 +9,15 @@ Two optimizer steps of the configured job, from the same weights over the same s
     dp            DataParallel in one process
     fsdp          FSDP2 over `--nproc` processes, each its share
     fsdp+accum    the same, each share in 2 micro-batches
+    hsdp          FSDP2 over a 2 × 2 mesh of 4 processes (strategy.replicate=2)
+    V+full        single, ddp and fsdp with every block's activations recomputed in backward
+    V+selective   the same with every other block's (strategy.activation_checkpointing); only for a
+                  model with blocks (strategy.fsdp_blocks')
+
+The variants of `--nproc` processes run one after another in one torchrun job, hsdp in another.
+A model with dropout draws other random numbers under every strategy: its variants are compared only
+with their activation-checkpointed twins (V with V+full and V+selective), which must recompute the
+same random numbers.
 
 The first step takes `--samples` samples; the second (`+tail`) is an epoch's short last step, of
 `--samples` / 2 + 1 more: the ranks hold unequal shares, and a rank fewer micro-batches than another.
@@ -42,6 +51,11 @@ from disttrain.config import ConfigError, TrainConfig, load_config, to_dict, val
 #: The variants of one process and of torchrun: (strategy, micro-batches per rank; None: --accumulate).
 SINGLE_PROCESS = {"single": ("single", 1), "accumulate": ("single", None), "dp": ("dp", 1)}
 MULTI = {"ddp": ("ddp", 1), "ddp+accum": ("ddp", 2), "fsdp": ("fsdp", 1), "fsdp+accum": ("fsdp", 2)}
+#: HSDP: (processes, replica groups), run as fsdp with strategy.replicate.
+HSDP = {"hsdp": (4, 2)}
+#: The variants activation checkpointing adds to these (a model with blocks only).
+CHECKPOINTED = ("single", "ddp", "fsdp")
+CHECKPOINTING = ("full", "selective")
 #: The second step's name suffix: an epoch's last window, shorter than the global batch.
 TAIL = "+tail"
 #: The name under which the loss the step reports is compared, beside the parameters' gradients.
@@ -81,7 +95,9 @@ class GradientCapture:
         ]
 
 
-def capture_steps(cfg: TrainConfig, samples: Head, accumulate: int) -> list[dict[str, torch.Tensor]]:
+def capture_steps(
+    cfg: TrainConfig, samples: Head, accumulate: int, env: Any = None
+) -> list[dict[str, torch.Tensor]]:
     """fit() over `samples`: a whole step of `--samples` of them and the epoch's short last step of the
     rest, in micro-batches of --samples / (world × accumulate); the gradients and the reported loss of
     each step (on rank 0; [] elsewhere). The optimizer has a learning rate of zero, so both steps start
@@ -100,7 +116,7 @@ def capture_steps(cfg: TrainConfig, samples: Head, accumulate: int) -> list[dict
     step = instantiate(cfg.step, _partial_=True) if cfg.step else None
     capture = GradientCapture()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    Trainer(model, optimizer, samples, cfg, step=step, callbacks=[capture]).fit()
+    Trainer(model, optimizer, samples, cfg, step=step, env=env, callbacks=[capture]).fit()
     return capture.results() if capture.losses else []  # (rank 0 is the one that logs)
 
 
@@ -166,37 +182,53 @@ def cmp_rows(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
 
 
 def _worker(args: argparse.Namespace) -> int:
+    """One torchrun job's variants, one fit() after another in the same process group."""
     import json
 
-    data = json.loads(Path(args.config).read_text())
-    cfg = load_config(data)
-    tail = tail_of(args.samples) if cfg.trainer.max_steps == 2 else 0
-    captured = capture_steps(cfg, first_samples(cfg, args.samples + tail), args.micro)
-    if captured:
+    from disttrain.dist import distributed
+
+    variants = json.loads(Path(args.config).read_text())
+    captured = {}
+    first = load_config(next(iter(variants.values()))[0])
+    # One process group for all the variants (a Trainer that made its own would leave it at its end).
+    with distributed(first.trainer.device, first.trainer.timeout_s) as env:
+        for name, (data, micro) in variants.items():
+            cfg = load_config(data)
+            tail = tail_of(args.samples) if cfg.trainer.max_steps == 2 else 0
+            captured[name] = capture_steps(cfg, first_samples(cfg, args.samples + tail), micro, env)
+    if any(captured.values()):  # (rank 0)
         torch.save(captured, args.out)
     return 0
 
 
-def _run_variant_torchrun(
-    cfg: TrainConfig, args: argparse.Namespace, strategy: str, micro: int, tmp: Path, name: str
-) -> list[Any]:
+def variant_config(cfg: TrainConfig, tmp: Path, name: str, strategy: str, **settings: Any) -> dict[str, Any]:
+    """The check's config as variant `name` runs it: `strategy` with `settings` (strategy's keys)."""
+    data = to_dict(cfg)
+    data["strategy"].update(name=strategy, **settings)
+    data["run_dir"] = str(tmp / name)
+    return data
+
+
+def _run_torchrun(
+    cfg: TrainConfig, args: argparse.Namespace, nproc: int, variants: dict[str, tuple[dict, int]], tmp: Path
+) -> dict[str, list[Any]]:
+    """`variants` (name: config, micro-batches) in one torchrun job of `nproc` processes."""
     import json
 
-    data = to_dict(cfg)
-    data["strategy"]["name"] = strategy
-    data["run_dir"] = str(tmp / name)
-    config = tmp / f"{name}.json"
-    config.write_text(json.dumps(data))
-    out = tmp / f"{name}.pt"
+    first = next(iter(variants))
+    config = tmp / f"{first}.json"
+    config.write_text(json.dumps(variants))
+    out = tmp / f"{first}.pt"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "disttrain.check", "--worker", "--config", str(config), "--out", str(out),
-        "--samples", str(args.samples), "--micro", str(micro),
+        "--samples", str(args.samples),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cfg.trainer.num_threads)))
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{name}: torchrun exited {result.returncode}:\n{result.stderr[-3000:]}")
+        names = ", ".join(variants)
+        raise RuntimeError(f"{names}: torchrun exited {result.returncode}:\n{result.stderr[-3000:]}")
     return torch.load(out, weights_only=True)
 
 
@@ -210,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--micro", type=int, default=1, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args(argv)
     if args.worker:
         return _worker(args)
@@ -218,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         for key, value, parts in (("--accumulate", args.accumulate, 1), ("--nproc", args.nproc, 2)):
             if value < 1 or args.samples % (value * parts):
                 raise ConfigError(f"{key}={value}: --samples ({args.samples}) must split evenly into it")
+        hsdp_processes = max(nproc for nproc, _ in HSDP.values())
+        if args.samples % hsdp_processes:
+            rule = f"must split evenly into the hsdp variant's {hsdp_processes} processes"
+            raise ConfigError(f"--samples={args.samples}: {rule}")
         cfg = check_config(overrides, args.config_dir, args.samples)
         # A BatchNorm cannot train on the short step's micro-batch of one sample (the Trainer refuses it).
         tail = 0 if has_batchnorm(cfg) else tail_of(args.samples)
@@ -226,21 +261,69 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2
+    checkpointed = has_blocks(cfg)
     captured: dict[str, list[Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="disttrain-check-") as tmp:
-        for name, (strategy, micro) in SINGLE_PROCESS.items():
-            data = to_dict(cfg)
-            data["strategy"]["name"] = strategy
-            data["run_dir"] = str(Path(tmp) / name)
+    with tempfile.TemporaryDirectory(prefix="disttrain-check-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        single = dict(SINGLE_PROCESS)
+        multi: dict[str, tuple[dict, int]] = {
+            name: (variant_config(cfg, tmp, name, strategy), micro)
+            for name, (strategy, micro) in MULTI.items()
+        }
+        for base in CHECKPOINTED if checkpointed else ():
+            for mode in CHECKPOINTING:
+                name = f"{base}+{mode}"
+                if base == "single":
+                    single[name] = ("single", 1)
+                else:
+                    config = variant_config(cfg, tmp, name, base, activation_checkpointing=mode)
+                    multi[name] = (config, 1)
+        for name, (strategy, micro) in single.items():
+            mode = name.partition("+")[2] if name.startswith("single+") else "none"
+            data = variant_config(cfg, tmp, name, strategy, activation_checkpointing=mode)
             captured[name] = capture_steps(load_config(data), samples, micro or args.accumulate)
-        for name, (strategy, micro) in MULTI.items():
-            captured[name] = _run_variant_torchrun(cfg, args, strategy, micro, Path(tmp), name)
+        captured |= _run_torchrun(cfg, args, args.nproc, multi, tmp)
+        for name, (nproc, replicas) in HSDP.items():
+            hsdp = {name: (variant_config(cfg, tmp, name, "fsdp", replicate=replicas), 1)}
+            captured |= _run_torchrun(cfg, args, nproc, hsdp, tmp)
     # A step over the epoch's short end is compared with the others' (report pairs tails with tails).
     results = {name: steps[0] for name, steps in captured.items()}
     results |= {name + TAIL: steps[1] for name, steps in captured.items() if len(steps) > 1}
     if not tail:
         print("(the model has BatchNorm: the +tail step, with a micro-batch of one sample, is left out)")
-    return report(results, args.tol, mismatch_cause(cfg))
+    twins_only = has_dropout(cfg)
+    if twins_only:
+        print(
+            "(the model has dropout, whose random numbers differ between strategies: each variant is "
+            "compared with its activation-checkpointed twins only)"
+        )
+    return report(results, args.tol, mismatch_cause(cfg), twins_only=twins_only)
+
+
+def _meta_model(cfg: TrainConfig) -> Any:
+    from disttrain.worker import build
+
+    with torch.device("meta"):
+        return build("model", cfg.model)
+
+
+def has_blocks(cfg: TrainConfig) -> bool:
+    from disttrain.strategy import find_blocks
+
+    return bool(find_blocks(_meta_model(cfg), cfg.strategy.fsdp_blocks))
+
+
+def has_dropout(cfg: TrainConfig) -> bool:
+    from torch import nn
+
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in _meta_model(cfg).modules())
+
+
+def twin_of(name: str) -> str:
+    """The variant `name` checkpoints activations of (itself when it checkpoints none)."""
+    for mode in CHECKPOINTING:
+        name = name.replace(f"+{mode}", "")
+    return name
 
 
 def has_batchnorm(cfg: TrainConfig) -> bool:
@@ -257,6 +340,8 @@ def mismatch_cause(cfg: TrainConfig) -> str:
     """What most likely breaks the identity for this job, in one line."""
     if has_batchnorm(cfg):
         return "the model has BatchNorm, whose statistics are per micro-batch"
+    if has_dropout(cfg):
+        return "activation checkpointing recomputed a block's forward with other random numbers"
     if cfg.step:
         return (
             f"the step {cfg.step['_target_']} returns a loss that is not the mean over the items it reports "
@@ -268,22 +353,27 @@ def mismatch_cause(cfg: TrainConfig) -> str:
     )
 
 
-def report(results: dict[str, dict[str, torch.Tensor]], tol: float, cause: str = "") -> int:
-    """Every pair of variants, one line each (the worst parameter of the pair), then the parameters of
-    each pair that differs beyond `tol`."""
+def report(
+    results: dict[str, dict[str, torch.Tensor]], tol: float, cause: str = "", twins_only: bool = False
+) -> int:
+    """Every pair of variants (with `twins_only`, each with its activation-checkpointed twins), one line
+    each (the worst parameter of the pair), then the parameters of each pair that differs beyond `tol`."""
     names = list(results)
     # A tail variant steps over other samples than a whole window: it is compared with its own kind.
     pairs = [
-        (a, b) for i, a in enumerate(names) for b in names[i + 1 :] if a.endswith(TAIL) == b.endswith(TAIL)
+        (a, b)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+        if a.endswith(TAIL) == b.endswith(TAIL) and (not twins_only or twin_of(a) == twin_of(b))
     ]
     print(f"one optimizer step, every pair of strategies compared (tolerance {tol:g})")
-    print(f"{'pair':34s} | {'exact':5s} | {'approximate':11s} | {'maxdiff':9s} | worst parameter")
+    print(f"{'pair':40s} | {'exact':5s} | {'approximate':11s} | {'maxdiff':9s} | worst parameter")
     failed: list[tuple[str, str, list[tuple]]] = []
     for a, b in pairs:
         rows = cmp_rows(results[a], results[b], tol)
         worst = max(rows, key=lambda r: r[3])
         exact, approx = all(r[1] for r in rows), all(r[2] for r in rows)
-        print(f"{a + ' ~ ' + b:34s} | {exact!s:5s} | {approx!s:11s} | {worst[3]:.3e} | {worst[0]}")
+        print(f"{a + ' ~ ' + b:40s} | {exact!s:5s} | {approx!s:11s} | {worst[3]:.3e} | {worst[0]}")
         if not approx:
             failed.append((a, b, [r for r in rows if not r[2]]))
     for a, b, rows in failed:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("auto", "single", "ddp", "dp", "fsdp")
+CHECKPOINTING = ("none", "full", "selective")
 PRECISIONS = ("fp32", "bf16", "fp16")
 LAUNCHERS = ("local", "torchrun", "multinode", "slurm")
 LOSSES = ("auto", "cross_entropy", "mse")
@@ -128,6 +129,16 @@ class StrategyConfig:
     #: (less memory, one more all-gather per block and step). Between the micro-steps of an accumulation
     #: window the parameters stay gathered either way: accumulation adds no communication.
     reshard_after_forward: bool = True
+    #: FSDP: replica groups (HSDP). 1 shards over every process; R > 1 makes a 2-D mesh of R replicas ×
+    #: (processes ÷ R) shards: parameters are sharded inside a group and gradients all-reduced across the
+    #: groups. Across nodes use one replica per node (R = the number of nodes): the all-gathers of every
+    #: block stay inside a node, and only one gradient all-reduce per step crosses the network.
+    replicate: int = _number(1, low=1)
+    #: none | full | selective: recompute blocks' activations in backward instead of keeping them from
+    #: the forward (torch.utils.checkpoint, non-reentrant, with the RNG state kept so dropout recomputes
+    #: the same numbers). full: every block; selective: every other block (the first, third, ...), half
+    #: the memory saved for half the recompute. The blocks are strategy.fsdp_blocks' (under any strategy).
+    activation_checkpointing: str = _choice("none", CHECKPOINTING)
 
 
 @dataclass
@@ -641,6 +652,11 @@ def _validate_world(cfg: TrainConfig, world_size: int) -> None:
             "shards the model over the job's processes, and this job has 1; launch with torchrun "
             "(launcher=torchrun launcher.nproc_per_node=N)",
         )
+    replicate = cfg.strategy.replicate
+    if replicate > 1 and name != "fsdp":
+        _fail("strategy.replicate", replicate, f"needs strategy=fsdp (it is {name}): replicas of FSDP shards")
+    if name == "fsdp" and world_size % replicate:
+        _fail("strategy.replicate", replicate, f"must divide the job's {_processes(world_size)}")
     if name in ("single", "dp") and world_size > 1:
         _fail("strategy", name, f"runs in one process but this job has {world_size}; use strategy=ddp")
 

@@ -60,18 +60,25 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) with a 4× GELU MLP."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) with a 4× GELU MLP (each branch
+    through dropout when `dropout` > 0)."""
 
-    def __init__(self, n_embd: int, n_head: int) -> None:
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = dropout
+        if dropout:  # (no module otherwise: the model's classes stay those of a model without it)
+            self.drop = nn.Dropout(dropout)
         self.ln1 = nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head)
         self.ln2 = nn.LayerNorm(n_embd)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+        if not self.dropout:
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class CharGPT(nn.Module):
@@ -95,6 +102,7 @@ class CharGPT(nn.Module):
         n_layer: int = 2,
         n_head: int = 4,
         n_embd: int = 128,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if n_embd % n_head:
@@ -103,7 +111,7 @@ class CharGPT(nn.Module):
         self.n_layer, self.n_embd = n_layer, n_embd
         self.tok = nn.Embedding(vocab_size, n_embd)
         self.pos = nn.Embedding(block_size, n_embd)
-        self.blocks = nn.Sequential(*(Block(n_embd, n_head) for _ in range(n_layer)))
+        self.blocks = nn.Sequential(*(Block(n_embd, n_head, dropout) for _ in range(n_layer)))
         self.ln_f = nn.LayerNorm(n_embd)
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # weight tying, as GPT-2

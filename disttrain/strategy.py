@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import shutil
@@ -50,6 +51,7 @@ class Strategy:
         self.precision = precision
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        checkpoint_blocks(model, self.cfg)
         return model
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -76,6 +78,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        checkpoint_blocks(model, self.cfg)
         cuda = self.env.device.type == "cuda"
         return DistributedDataParallel(
             model,
@@ -98,6 +101,7 @@ class DataParallelStrategy(Strategy):
     name = "dp"
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        checkpoint_blocks(model, self.cfg)
         if torch.cuda.device_count() < 2:
             log.info(
                 "strategy=dp: %s, so DataParallel runs the module as is in this one process",
@@ -121,7 +125,11 @@ class FSDPStrategy(Strategy):
     Accumulation communicates once per optimizer step: on non-final micro-steps no reduce-scatter
     (set_requires_gradient_sync(False)) and no all-gather (parameters stay gathered between micro-steps:
     set_reshard_after_backward(False), and the blocks' set_reshard_after_forward(False)); the final
-    micro-step reshards as `strategy.reshard_after_forward` says and reduce-scatters once."""
+    micro-step reshards as `strategy.reshard_after_forward` says and reduce-scatters once.
+
+    `strategy.replicate=R` (HSDP): a 2-D mesh of R replica groups × (processes ÷ R) shards; each group
+    holds a whole copy of the model in shards, and gradients are reduce-scattered inside a group then
+    all-reduced across groups."""
 
     name = "fsdp"
     shards_parameters = True
@@ -136,7 +144,13 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        checkpoint_blocks(model, self.cfg)  # (inside each block's forward: FSDP's gathers stay outside)
+        replicas = self.cfg.replicate
+        if replicas > 1:  # HSDP: fully_shard shards over the inner dimension and replicates over the outer
+            shape = (replicas, self.env.world_size // replicas)
+            mesh = init_device_mesh(self.env.device.type, shape, mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         dtype = _AUTOCAST.get(self.precision)
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         self._blocks = [
@@ -224,6 +238,35 @@ def find_blocks(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
     outermost = [n for n in names if not any(n.startswith(f"{o}.") for o in names if o != n)]
     modules = dict(model.named_modules())
     return [modules[n] for n in outermost]
+
+
+def checkpoint_blocks(model: nn.Module, cfg: StrategyConfig) -> list[nn.Module]:
+    """strategy.activation_checkpointing: the blocks (find_blocks) whose forward now runs under
+    torch.utils.checkpoint, every one (full) or every other one (selective). The block's own forward is
+    replaced on the instance, so its module path, parameter names and state-dict keys stay what they
+    were (snapshots and gradients compare across settings), and hooks on the block (FSDP's all-gather)
+    stay outside the recomputed region. ConfigError when the model has no blocks."""
+    mode = cfg.activation_checkpointing
+    if mode == "none":
+        return []
+    blocks = find_blocks(model, cfg.fsdp_blocks)
+    if not blocks:
+        rule = (
+            f"finds no blocks in {type(model).__name__} (no nn.ModuleList, no nn.Sequential of 2+ modules "
+            "of one class); name them with strategy.fsdp_blocks (class or module names)"
+        )
+        raise ConfigError(f"strategy.activation_checkpointing={mode!r}: {rule}")
+    chosen = blocks if mode == "full" else blocks[::2]
+    for block in chosen:
+        if not isinstance(block.forward, functools.partial):  # (not twice: a model wrapped again)
+            block.forward = functools.partial(_checkpointed, block.forward)
+    return chosen
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
 def compiler_missing() -> str | None:

@@ -106,13 +106,15 @@ def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
 
 
 def check_blocks(cfg: TrainConfig) -> None:
-    """strategy=fsdp: the blocks strategy.fsdp_blocks names exist, checked on a model built on the meta
-    device (no memory, no weights: cheap whatever the model's size) before any process starts."""
-    from disttrain.strategy import find_blocks
+    """strategy=fsdp or activation checkpointing: the blocks strategy.fsdp_blocks names exist (and some
+    block exists, to checkpoint), checked on a model built on the meta device (no memory, no weights:
+    cheap whatever the model's size) before any process starts."""
+    from disttrain.strategy import checkpoint_blocks, find_blocks
 
     with torch.device("meta"):
         model = build("model", cfg.model)
     find_blocks(model, cfg.strategy.fsdp_blocks)
+    checkpoint_blocks(model, cfg.strategy)
 
 
 def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) -> Trainer:

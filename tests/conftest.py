@@ -67,7 +67,7 @@ SHARED_BY: dict[str, str | None] = {
     "two_hosts": "cluster",
     "reference": None,
     "tail_reference": None,
-    "fsdp_weights": None,
+    "fsdp_reference": None,
     "two_runs": None,
     "finished_run": None,
     "venv": None,

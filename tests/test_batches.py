@@ -40,13 +40,13 @@ def pairs(stdout: str) -> list[tuple[str, str, float]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("step", [[], ["+step._target_=tests.lm.lm_step"]], ids=["model-loss", "user-step"])
 def test_padded_sequences_give_the_same_gradients_under_every_strategy(step) -> None:
-    # 16 sequences of 0-12 real tokens: 1×16, 1×(4×4), DDP and FSDP 2×8 and 2×(2×4), and DataParallel
+    # 16 sequences of 0-12 real tokens: 1×16, 1×(4×4), DDP and FSDP 2×8 and 2×(2×4), DataParallel and HSDP 2×2
     # hold different token counts per micro-batch and per rank, one micro-batch of rank 1 none at all.
     result = run_cli("check", *LM, *step, "--samples", "16", "--accumulate", "4")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     rows = pairs(result.stdout)
-    assert len(rows) == 42 and all(approx == "True" and diff <= 1e-6 for _, approx, diff in rows), rows
-    assert "OK: all 42 pairs give the same gradients within 1e-06" in result.stdout
+    assert len(rows) == 56 and all(approx == "True" and diff <= 1e-6 for _, approx, diff in rows), rows
+    assert "OK: all 56 pairs give the same gradients within 1e-06" in result.stdout
 
 
 @pytest.mark.slow
@@ -57,7 +57,7 @@ def test_a_step_that_averages_micro_batches_without_counts_is_a_mismatch() -> No
     assert rows["single ~ accumulate"] > 1e-4 and rows["single ~ ddp"] > 1e-4
     assert rows["single ~ dp"] <= 1e-6  # one process, one batch: the same mean either way
     assert re.search(
-        r"^MISMATCH: \d+ of 42 pairs differ beyond 1e-06: the step tests.lm.unweighted_step returns a loss "
+        r"^MISMATCH: \d+ of 56 pairs differ beyond 1e-06: the step tests.lm.unweighted_step returns a loss "
         r"that is not the mean over the items it reports \(a token loss returned without its count is "
         r"weighted like a mean over samples\)$",
         result.stdout,

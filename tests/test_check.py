@@ -17,16 +17,32 @@ def test_every_strategy_gives_the_same_gradients_without_batchnorm() -> None:
     result = disttrain("check", *SMALL_CHECK, "model.batchnorm=false", "--samples", "16", "--accumulate", "4")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     pairs = re.findall(r"^(\S+ ~ \S+)\s+\| (True|False)\s+\| (True|False)\s+\| (\S+)", result.stdout, re.M)
-    # single, 4×4 accumulated, DDP and FSDP 2×8 and 2×(2×4), DataParallel: every pair of the seven, and
-    # the same over an epoch's short last step of 9 samples (ranks of 5 and 4; under 2×(2×4) in 4 + 1
-    # and 4 + a filler weighted by zero): every pair of those seven.
-    assert len(pairs) == 21 + 21
-    variants = {"single", "accumulate", "ddp", "ddp+accum", "dp", "fsdp", "fsdp+accum"}
+    # single, 4×4 accumulated, DDP and FSDP 2×8 and 2×(2×4), DataParallel, HSDP 2×2 of 4 processes:
+    # every pair of the eight, and the same over an epoch's short last step of 9 samples (ranks of 5
+    # and 4; under 2×(2×4) in 4 + 1 and 4 + a filler weighted by zero): every pair of those eight. (The
+    # MLP has no blocks: no activation-checkpointed variants.)
+    assert len(pairs) == 28 + 28
+    variants = {"single", "accumulate", "ddp", "ddp+accum", "dp", "fsdp", "fsdp+accum", "hsdp"}
     names = {p[0].split(" ~ ")[0] for p in pairs} | {p[0].split(" ~ ")[1] for p in pairs}
     assert names == variants | {v + "+tail" for v in variants}
     assert not [p for p in pairs if p[0].count("+tail") == 1]  # a tail is compared with tails only
     assert all(approx == "True" and float(maxdiff) <= 1e-6 for _, _, approx, maxdiff in pairs)
-    assert "OK: all 42 pairs give the same gradients within 1e-06" in result.stdout
+    assert "OK: all 56 pairs give the same gradients within 1e-06" in result.stdout
+
+
+def test_activation_checkpointing_recomputes_dropout_exactly_under_every_strategy() -> None:
+    gpt = ["experiment=gpt", "data.num_tokens=2000", "data.context=8", "model.n_layer=2", "model.n_embd=16"]
+    result = disttrain("check", *gpt, "model.n_head=2", "model.dropout=0.1", "trainer.num_threads=1")
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "the model has dropout" in result.stdout
+    pairs = re.findall(r"^(\S+) ~ (\S+)\s+\| (True|False)\s+\|", result.stdout, re.M)
+    # Each of single, DDP and FSDP with its full and selective twins (3 pairs each), whole step and tail:
+    # bit-equal, as the recomputed forward drew dropout's random numbers again.
+    assert len(pairs) == 3 * 3 * 2
+    assert all(exact == "True" for _, _, exact in pairs)
+    twins = {(a.replace("+tail", ""), b.replace("+tail", "")) for a, b, _ in pairs}
+    for base in ("single", "ddp", "fsdp"):
+        assert {(base, f"{base}+full"), (base, f"{base}+selective")} <= twins
 
 
 def test_batchnorm_breaks_the_identity_and_check_says_so() -> None:

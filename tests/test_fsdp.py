@@ -120,22 +120,46 @@ def final_weights(run_dir: Path, ema: bool = False) -> dict[str, torch.Tensor]:
     return exported_state(run_dir, ema)[1]
 
 
-#: The global batch is fixed (16), so the data continues exactly on any shape. A constant learning rate:
-#: a cosine schedule spans max_steps, which the first life sets to 10. With an EMA of the weights: its
-#: state moves between shards and full tensors too.
-MOVING = [
-    *GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "optim.schedule=constant",
-    "+callbacks.ema._target_=disttrain.ema.EMA", "+callbacks.ema.decay=0.95",
-]  # fmt: skip
+#: The job whose snapshots move between shapes: the global batch fixed (16), so the data continues
+#: exactly; a constant learning rate, since a cosine schedule spans max_steps, which a first life cuts.
+MOVING = [*GPT, "trainer.global_batch_size=16", "trainer.max_steps=30", "optim.schedule=constant"]
+#: An EMA of the weights: its state moves between shards and full tensors too (training is the same).
+EMA = ["+callbacks.ema._target_=disttrain.ema.EMA", "+callbacks.ema.decay=0.95"]
+#: Four processes: a micro-batch of 4 keeps the global batch of 16.
+FOUR = ["launcher=torchrun", "launcher.nproc_per_node=4", "strategy=fsdp", "trainer.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
-def fsdp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, dict[str, torch.Tensor]]:
-    """The full weights (False) and their EMA (True) of MOVING never interrupted, FSDP on 2 processes."""
+def fsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MOVING never interrupted, FSDP on 2 processes: what every life of a moved snapshot continues."""
     run_dir = tmp_path_factory.mktemp("fsdp-reference") / "run"
-    reference = disttrain(*MOVING, *FSDP, f"run_dir={run_dir}")
+    reference = disttrain(*MOVING, *EMA, *FSDP, f"run_dir={run_dir}")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    return {ema: final_weights(run_dir, ema) for ema in (False, True)}
+    return run_dir
+
+
+def test_hsdp_snapshot_killed_mid_epoch_resumes_on_1x4_then_2_then_1_process(
+    tmp_path, fsdp_reference
+) -> None:
+    # HSDP 2×2 (2 replicas of 2 shards), SIGKILLed mid-epoch; its DCP shards reshard into FSDP over 4
+    # processes (1×4), then 2 processes, then one: every step's loss that of the run never interrupted.
+    run_dir = tmp_path / "run"
+    hsdp = start(*MOVING, *FOUR, "strategy.replicate=2", "snapshot.every_steps=4", f"run_dir={run_dir}")
+    kill_at_step(hsdp, run_dir, 14)
+    lives = [
+        (FOUR, 18),  # 1×4
+        (FSDP, 24),
+        ([], 30),
+    ]
+    for overrides, until in lives:
+        res = disttrain(*MOVING, *overrides, "snapshot.every_steps=4", f"trainer.max_steps={until}",
+                        f"run_dir={run_dir}")  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "resumed from" in res.stderr
+    got, expected = losses(run_dir), losses(fsdp_reference)
+    assert [step for step, _ in got] == list(range(1, 31))  # contiguous: each life continues the last
+    for (step, loss), (_, want) in zip(got, expected, strict=True):
+        assert loss == pytest.approx(want, rel=1e-4, abs=1e-5), step
 
 
 @pytest.mark.parametrize(
@@ -147,15 +171,16 @@ def fsdp_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, dict[st
     ],
     ids=["ddp-to-fsdp", "fsdp-to-one-process", "fsdp-to-ddp"],
 )
-def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, fsdp_weights, first, then) -> None:
+def test_snapshots_move_between_fsdp_and_ddp_or_one_process(tmp_path, fsdp_reference, first, then) -> None:
     # The weights and their EMA agree with the run never interrupted within fp32 reduction tolerance.
     run_dir = tmp_path / "run"
-    stopped = disttrain(*MOVING, *first, "trainer.max_steps=10", f"run_dir={run_dir}")
+    stopped = disttrain(*MOVING, *EMA, *first, "trainer.max_steps=10", f"run_dir={run_dir}")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    again = disttrain(*MOVING, *then, f"run_dir={run_dir}")
+    again = disttrain(*MOVING, *EMA, *then, f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stderr and summary(run_dir)["steps"] == 30
-    for ema, expected in fsdp_weights.items():
+    for ema in (False, True):
+        expected = final_weights(fsdp_reference, ema)
         for name, tensor in final_weights(run_dir, ema).items():
             torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
 
@@ -197,6 +222,14 @@ BAD = [
         "torchrun (launcher=torchrun launcher.nproc_per_node=N)",
     ),
     (
+        [*FSDP, "strategy.replicate=3"],
+        "strategy.replicate=3: must divide the job's 2 processes",
+    ),
+    (
+        ["strategy.replicate=2"],
+        "strategy.replicate=2: needs strategy=fsdp (it is auto): replicas of FSDP shards",
+    ),
+    (
         [*FSDP, "strategy.fsdp_blocks=[Nope]"],
         "strategy.fsdp_blocks='Nope': matches no module of CharGPT (its classes: Block, CausalSelfAttention, "
         "CharGPT, Embedding, GELU, LayerNorm, Linear, Sequential)",
@@ -204,10 +237,30 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), BAD, ids=["one-process", "no-such-block"])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    BAD,
+    ids=[
+        "one-process",
+        "replicate-not-dividing",
+        "replicate-without-fsdp",
+        "no-such-block",
+    ],
+)
 def test_bad_fsdp_input_is_one_line_and_starts_nothing(tmp_path, overrides, message) -> None:
     res = disttrain(*GPT, *overrides, f"run_dir={tmp_path / 'run'}")
     assert (res.returncode, res.stderr) == (2, f"disttrain: error: {message}\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_checkpointing_a_model_without_blocks_is_one_line_and_starts_nothing(tmp_path) -> None:
+    res = disttrain("strategy.activation_checkpointing=full", f"run_dir={tmp_path / 'run'}")  # the MLP
+    assert (res.returncode, res.stderr) == (
+        2,
+        "disttrain: error: strategy.activation_checkpointing='full': finds no blocks in MLPLanguageModel (no "
+        "nn.ModuleList, no nn.Sequential of 2+ modules of one class); name them with strategy.fsdp_blocks "
+        "(class or module names)\n",
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -20,7 +20,7 @@ def preflight(cfg: TrainConfig) -> None:
 
         if (missing := compiler_missing()) is not None:
             raise ConfigError(f"trainer.compile=True: {missing}")
-    if cfg.strategy.name == "fsdp":
+    if cfg.strategy.name == "fsdp" or cfg.strategy.activation_checkpointing != "none":
         from disttrain.worker import check_blocks
 
         check_blocks(cfg)
