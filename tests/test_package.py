@@ -172,7 +172,7 @@ def test_the_installed_wheel_runs_the_readme_commands_from_another_directory(ven
     slurm = run_in(venv, tmp_path, "disttrain", "launcher=slurm", "launcher.dry_run=true", "run_dir=s")
     assert slurm.returncode == 0 and "-m disttrain.worker" in slurm.stdout, slurm.stderr
     check = run_in(venv, tmp_path, "disttrain", "check", *SMALL[:2], "model.batchnorm=false")
-    assert check.returncode == 0 and "OK: all 42 pairs" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "OK: all 56 pairs" in check.stdout, check.stdout + check.stderr
     plot = run_in(venv, tmp_path, "disttrain", "plot", "one", "ddp", "-o", "p.png")
     assert plot.returncode == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG", plot.stderr
 
