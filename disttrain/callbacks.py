@@ -13,6 +13,7 @@ the signatures and makes every event a no-op until overridden):
     on_log(run, record)                  rank 0 only: a line of metrics.jsonl (a step's or a validation's)
     on_validation_start(run)             a validation starts (the model is in eval mode next)
     on_validation_end(run, metrics)      a validation ended: {"val_loss": ..., "val_<metric>": ...}
+    on_before_snapshot(run, step)        the snapshot of `step` is taken next (every rank)
     on_snapshot(run, step)               the snapshot of `step` was written (rank 0 commits it on its
                                          own thread; a failed commit stops the run)
     on_epoch_end(run)                    an epoch ended (after its validation and snapshot)
@@ -57,6 +58,7 @@ EVENTS = (
     "on_log",
     "on_validation_start",
     "on_validation_end",
+    "on_before_snapshot",
     "on_snapshot",
     "on_epoch_end",
     "on_fit_end",
@@ -75,6 +77,7 @@ class Callback:
     def on_log(self, run: RunView, record: dict[str, Any]) -> None: ...
     def on_validation_start(self, run: RunView) -> None: ...
     def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None: ...
+    def on_before_snapshot(self, run: RunView, step: int) -> None: ...
     def on_snapshot(self, run: RunView, step: int) -> None: ...
     def on_epoch_end(self, run: RunView) -> None: ...
     def on_fit_end(self, run: RunView, summary: dict[str, Any]) -> None: ...
@@ -154,6 +157,11 @@ class RunView:
         (each call replaces the set; disttrain.best_snapshots uses it). A step with no snapshot is
         ignored; a snapshot that fails verification is deleted all the same."""
         self._trainer.snapshots.protect(steps)
+
+    def wait_for_snapshots(self) -> None:
+        """Return once every snapshot written so far is committed on disk (rank 0 commits on its own
+        thread; `on_snapshot` comes before that). Collective: every rank calls it at the same event."""
+        self._trainer.snapshots.wait()
 
     def request_stop(self, reason: str = "", all_ranks: bool = False) -> None:
         """Stop the run at a step boundary soon (every rank at the same step), with a snapshot.

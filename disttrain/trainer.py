@@ -1035,6 +1035,7 @@ class Trainer:
             self._diverged = f"{self._diverged}; {why}" if self._diverged else why
             self._stop_reason = "diverged"
             return
+        self.callbacks.fire("on_before_snapshot", self.run_view, c.step)
         self._log_summed_losses()  # every rank is at this step; the counters hold its loss
         self.metrics.flush()  # every line up to this step reaches the file before the snapshot does
         # A callback's DTensors (its shards, under FSDP) go with the model's shards, every rank's own.

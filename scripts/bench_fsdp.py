@@ -15,11 +15,12 @@ Tables:
             Trainer timed from inside one fit() (the clock read at each step's end by a callback, a window
             of --steps steps after --warmup untimed ones), median of interleaved repeats (A B, B A, ...);
             ratio = median of FSDP / DDP over the pairs of repeats that ran side by side.
-  snapshot  what a snapshot costs the training loop (`Trainer._save_snapshot`, timed on every rank, the
-            slowest rank counted): FSDP's sharded one (every rank writes its shards through DCP) and
-            DDP's (rank 0 serialises the full state), against a bare `torch.save` of the full state on
-            rank 0 (under FSDP after gathering it: `get_*_state_dict(full_state_dict=True)`, timed
-            apart); `committed` adds rank 0's background hashing, fsync and rename.
+  snapshot  what a snapshot costs the training loop (a callback's `on_before_snapshot` to its
+            `on_snapshot`, on every rank, the slowest rank counted): FSDP's sharded one (every rank
+            writes its shards through DCP) and DDP's (rank 0 serialises the full state), against a bare
+            `torch.save` of the full state on rank 0 (under FSDP after gathering it:
+            `get_*_state_dict(full_state_dict=True)`, timed apart); `committed` adds rank 0's background
+            hashing, fsync and rename (`run.wait_for_snapshots()`).
   compile   trainer.compile=true against false, one process, step time after warm-up (the first
             compiled step, which compiles, is shown apart: cold ~30 s on CPU, seconds from the inductor
             cache, TORCHINDUCTOR_CACHE_DIR or ~/.cache/disttrain/inductor).
@@ -230,6 +231,7 @@ def snapshot_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, s
         get_optimizer_state_dict,
     )
 
+    from disttrain.callbacks import Callback, RunView
     from disttrain.trainer import Trainer, make_optimizer
 
     times: dict[str, list[float]] = {"snapshot": [], "committed": [], "gather": [], "torch_save": []}
@@ -241,51 +243,53 @@ def snapshot_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, s
             torch.cuda.synchronize()
         barrier(env)
 
-    class Timed(Trainer):
-        def _save_snapshot(self) -> None:
-            self.snapshots.wait()  # the previous snapshot's commit is not this one's cost
-            for first in (True, False) if len(times["snapshot"]) % 2 else (False, True):
-                if first:
-                    self._timed_snapshot()
-                else:
-                    self._bare_save()
+    def bare_save(run: RunView) -> None:
+        sync()
+        start = time.perf_counter()
+        if strategy == "fsdp":
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = {
+                "model": get_model_state_dict(run.model, options=options),
+                "optimizer": get_optimizer_state_dict(run.model, run.optimizer, options=options),
+            }
+        else:
+            full = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict()}
+        gathered = time.perf_counter()
+        times["gather"].append(max_over_ranks(env, gathered - start))
+        if env.is_main:
+            torch.save(full, bare)
+            sizes["torch_save"] = bare.stat().st_size
+        times["torch_save"].append(max_over_ranks(env, time.perf_counter() - gathered))
+        barrier(env)
 
-        def _timed_snapshot(self) -> None:
-            sync()
-            start = time.perf_counter()
-            super()._save_snapshot()
-            times["snapshot"].append(max_over_ranks(env, time.perf_counter() - start))
-            self.snapshots.wait()  # collective; rank 0 waits for its commit thread
-            times["committed"].append(max_over_ranks(env, time.perf_counter() - start))
-            if env.is_main:
-                step = run_dir / "snapshots" / f"step_{self.counters.step:08d}"
-                sizes["snapshot"] = sum(p.stat().st_size for p in step.rglob("*") if p.is_file())
+    class SnapshotTimer(Callback):
+        """Each snapshot as the training loop waits for it (from `on_before_snapshot` to `on_snapshot`)
+        and until it is committed, with a bare save beside it (before it, then after it, in turn)."""
 
-        def _bare_save(self) -> None:
+        def on_before_snapshot(self, run: RunView, step: int) -> None:
+            run.wait_for_snapshots()  # the previous snapshot's commit is not this one's cost
+            self.bare_first = len(times["snapshot"]) % 2 == 0
+            if self.bare_first:
+                bare_save(run)
             sync()
-            start = time.perf_counter()
-            if self.strategy.shards_parameters:
-                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-                full = {
-                    "model": get_model_state_dict(self.model, options=options),
-                    "optimizer": get_optimizer_state_dict(self.model, self.optimizer, options=options),
-                }
-            else:
-                full = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-            gathered = time.perf_counter()
-            times["gather"].append(max_over_ranks(env, gathered - start))
+            self.start = time.perf_counter()
+
+        def on_snapshot(self, run: RunView, step: int) -> None:
+            times["snapshot"].append(max_over_ranks(env, time.perf_counter() - self.start))
+            run.wait_for_snapshots()
+            times["committed"].append(max_over_ranks(env, time.perf_counter() - self.start))
             if env.is_main:
-                torch.save(full, bare)
-                sizes["torch_save"] = bare.stat().st_size
-            times["torch_save"].append(max_over_ranks(env, time.perf_counter() - gathered))
-            barrier(env)
+                files = (run.run_dir / "snapshots" / f"step_{step:08d}").rglob("*")
+                sizes["snapshot"] = sum(p.stat().st_size for p in files if p.is_file())
+            if not self.bare_first:
+                bare_save(run)
 
     repeats = plan["snapshot_repeats"]
     model, data, _ = build(plan, env.world_size, repeats)
     cfg = make_config(plan, strategy, run_dir, repeats, snapshot_every=1)
     if strategy != "fsdp":
         model = model.to(env.device)
-    Timed(model, make_optimizer(cfg.optim, model), data, cfg, env=env).fit()
+    Trainer(model, make_optimizer(cfg.optim, model), data, cfg, env=env, callbacks=[SnapshotTimer()]).fit()
     bare.unlink(missing_ok=True)
     return {"seconds": times, "bytes": sizes}
 

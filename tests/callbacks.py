@@ -43,6 +43,9 @@ class Recorder(Callback):
     def on_validation_end(self, run: RunView, metrics: dict[str, float]) -> None:
         self._write(run, f"validation_end {sorted(metrics)}")
 
+    def on_before_snapshot(self, run: RunView, step: int) -> None:
+        self._write(run, f"before_snapshot {step}")
+
     def on_snapshot(self, run: RunView, step: int) -> None:
         self._write(run, f"snapshot {step}")
 

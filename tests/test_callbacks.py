@@ -36,6 +36,18 @@ def events(out: Path, rank: int = 0) -> list[str]:
     return (out / f"rank{rank}.txt").read_text().splitlines()
 
 
+def test_wait_for_snapshots_returns_with_the_snapshot_committed(tmp_path) -> None:
+    committed: list[bool] = []
+
+    class Waits:
+        def on_snapshot(self, run, step) -> None:
+            run.wait_for_snapshots()
+            committed.append((run.run_dir / "snapshots" / f"step_{step:08d}" / "manifest.json").exists())
+
+    regression_trainer(tmp_path / "run", [Waits()]).fit()
+    assert committed == [True] * 6  # steps 2, 4, 5 (an epoch's end), 6, 8, 10
+
+
 def test_the_events_come_in_their_documented_order(tmp_path) -> None:
     seen: list[dict] = []
 
@@ -50,10 +62,10 @@ def test_the_events_come_in_their_documented_order(tmp_path) -> None:
         for step in range(5 * epoch + 1, 5 * epoch + 6):
             expected += [f"before_optimizer_step {step - 1} {epoch}", f"step_end {step} {epoch}"]
             if step % 2 == 0 and step % 5:
-                expected.append(f"snapshot {step} {step} {epoch}")
+                expected += [f"before_snapshot {step} {step} {epoch}", f"snapshot {step} {step} {epoch}"]
         end = 5 * epoch + 5  # the epoch has ended: validation, snapshot, then its own event
         expected += [f"validation_start {end} {epoch + 1}", f"validation_end ['val_loss'] {end} {epoch + 1}"]
-        expected.append(f"snapshot {end} {end} {epoch + 1}")
+        expected += [f"before_snapshot {end} {end} {epoch + 1}", f"snapshot {end} {end} {epoch + 1}"]
         expected.append(f"epoch_end {end} {epoch + 1}")
     expected.append("fit_end max_epochs 10 2")
     assert events(tmp_path / "events") == expected
