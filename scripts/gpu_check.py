@@ -118,7 +118,8 @@ def gpt_run(
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         rows = [r for r in map(json.loads, lines) if "loss" in r]
     out = {"summary": summary, "rows": rows, "trainer": trainer}
-    out["scale"] = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
+    scaler = trainer.precision.scaler
+    out["scale"] = scaler.get_scale() if scaler is not None else None
     out["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     return out
 
@@ -162,7 +163,7 @@ def check_train(args: argparse.Namespace, scratch: Path) -> str:
     figure = f"loss {first:.3f} -> {last:.3f} in {len(res['rows'])} steps"
     skipped = sum(r["skipped"] for r in res["rows"])
     if args.precision == "fp16":
-        scaler = res["trainer"].scaler
+        scaler = res["trainer"].precision.scaler
         figure += f", {type(scaler).__name__}({args.device}) scale {res['scale']:g}, {skipped} skipped"
     if args.device == "cuda":
         figure += f", peak {max(r['peak_mem_gib'] for r in res['rows']):.2f} GiB"
@@ -231,7 +232,7 @@ def check_fsdp(args: argparse.Namespace, scratch: Path) -> str:
         f" {str(want).removeprefix('torch.')}"
     )
     if args.precision == "fp16":
-        figure += f", {type(res['trainer'].scaler).__name__} scale {res['scale']:g}"
+        figure += f", {type(res['trainer'].precision.scaler).__name__} scale {res['scale']:g}"
     if args.same_gpu:
         figure += "; 2 ranks on 1 GPU"
     return figure
