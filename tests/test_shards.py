@@ -358,17 +358,19 @@ def test_a_truncated_tar_given_to_the_cli_is_one_line_and_exit_2(tmp_path, capsy
     assert not (tmp_path / "run" / "snapshots").exists()
 
 
-#: 181 records in 5 shards (none of the sizes divides by 2 or 4), 16 per optimizer step (4 per
-#: micro-batch): 11 whole steps an epoch and one of the 5 left, 2 epochs, a snapshot every 2 steps.
-RUN_SIZES = [37, 41, 29, 43, 31]
-RUN_STEPS, RUN_EPOCH = 24, 181
+#: 181 records in 5 shards (none of the sizes divides by 2 or 4), JSONL, Parquet and tar in turn, 16
+#: per optimizer step (4 per micro-batch): 11 whole steps an epoch and one of the 5 left, 2 epochs, a
+#: snapshot every 2 steps. Epoch 0 reads shards 0 and 4 first (a window of 2): 33 + 31 = 64 records,
+#: so the second window starts with step 5, right after the snapshot of step 4.
+RUN_SIZES = [33, 41, 29, 47, 31]
+RUN_STEPS, RUN_EPOCH, FIRST_WINDOW = 24, 181, 64
 
 
 def shard_job(root: Path) -> list[str]:
     shards = root / "shards"
     if not shards.is_dir():
         shards.mkdir()
-        write_shards(shards, RUN_SIZES)
+        write_shards(shards, RUN_SIZES, ("jsonl", "parquet", "tar"))
     return [
         "--config-dir", "tests/conf", "model=mlp_lm", "model.batchnorm=false", "data=logged_shards",
         f"data.path={shards}/*", f"data.index_dir={root / 'index'}", "trainer.global_batch_size=16",
@@ -377,9 +379,62 @@ def shard_job(root: Path) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def shard_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, list[int]]]:
+    """The uninterrupted run, on one process (the order does not depend on the number of processes),
+    and every step's global ids; its shards are written once and shared by the tests' runs."""
+    from tests.order import steps_read
+    from tests.support import disttrain
+
+    root = tmp_path_factory.mktemp("shards")
+    job = shard_job(root)
+    reference = disttrain(*job, f"run_dir={root / 'ref'}", ORDER_LOG=str(root / "ref_log"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    ref_steps = steps_read(root / "ref_log", 1, 16, RUN_EPOCH)
+    assert sorted(ref_steps) == list(range(1, RUN_STEPS + 1))
+    assert [len(ref_steps[s]) for s in (11, 12, 13)] == [16, 5, 16]  # the epoch ends on what is left
+    data = dataset(f"{root}/shards/*", root, shuffle_window=2)
+    for epoch, steps in enumerate((range(1, 13), range(13, 25))):  # the order is the shards' own
+        assert [g for s in steps for g in ref_steps[s]] == data.epoch_order(TrainerConfig().seed, epoch)
+    return root, ref_steps
+
+
+def assert_resumed_like_the_reference(shard_reference, run_dir: Path, log: Path, resumed_at: int) -> None:
+    """The resumed life (no loader workers: its log is in step order) read every step after the
+    snapshot it resumed from as the reference did, and metrics.jsonl holds the reference's losses."""
+    from tests.order import steps_read
+    from tests.support import summary
+    from tests.test_world_size import step_losses
+
+    root, ref_steps = shard_reference
+    again = steps_read(log, resumed_at + 1, 16, RUN_EPOCH)
+    assert again == {s: ref_steps[s] for s in range(resumed_at + 1, RUN_STEPS + 1)}
+    steps, losses = step_losses(run_dir)
+    assert steps == list(range(1, RUN_STEPS + 1)) and summary(run_dir)["steps"] == RUN_STEPS
+    assert losses == pytest.approx(step_losses(root / "ref")[1], rel=1e-5)
+
+
+def kill_when_paused(proc, log: Path, snapshot: Path, timeout: float = 120) -> None:
+    """SIGKILL the job's process group once its data has paused at ORDER_PAUSE_AT (tests/order.py) and
+    `snapshot` is committed: the kill lands at a known sample, after a known snapshot."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ((log / "paused").exists() and snapshot.is_dir()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"no pause after {snapshot.name} in {timeout} s:\n{out[-3000:]}")
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_processes_and_workers(
-    tmp_path,
+    shard_reference, tmp_path
 ) -> None:
     from collections import Counter
 
@@ -388,16 +443,8 @@ def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_proces
     from tests.support import disttrain, kill_at_step, start, summary
     from tests.test_world_size import step_losses
 
-    job = shard_job(tmp_path)
-    reference = disttrain(*job, f"run_dir={tmp_path / 'ref'}", ORDER_LOG=str(tmp_path / "ref_log"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    ref_steps = steps_read(tmp_path / "ref_log", 1, 16, RUN_EPOCH)
-    assert sorted(ref_steps) == list(range(1, RUN_STEPS + 1))
-    assert [len(ref_steps[s]) for s in (11, 12, 13)] == [16, 5, 16]  # the epoch ends on what is left
-    data = dataset(f"{tmp_path}/shards/*", tmp_path, shuffle_window=2)
-    for epoch, steps in enumerate((range(1, 13), range(13, 25))):  # the order is the shards' own
-        assert [g for s in steps for g in ref_steps[s]] == data.epoch_order(TrainerConfig().seed, epoch)
-
+    root, ref_steps = shard_reference
+    job = shard_job(root)
     # Two processes, reading a sample takes 20 ms (a step 160 ms: metrics.jsonl, written once a second,
     # shows step 3 well before the epoch ends): killed mid-epoch, inside the shards of a window.
     run_dir = tmp_path / "run"
@@ -420,7 +467,70 @@ def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_proces
     assert read == Counter(g for s in range(resumed_at + 1, RUN_STEPS + 1) for g in ref_steps[s])
     steps, losses = step_losses(run_dir)
     assert steps == list(range(1, RUN_STEPS + 1)) and summary(run_dir)["steps"] == RUN_STEPS
-    assert losses == pytest.approx(step_losses(tmp_path / "ref")[1], rel=1e-5)
+    assert losses == pytest.approx(step_losses(root / "ref")[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_at_a_shard_boundary_on_4_processes_resumes_on_2(
+    shard_reference, tmp_path
+) -> None:
+    from tests.order import steps_read
+    from tests.support import disttrain, start
+
+    root, ref_steps = shard_reference
+    job, run_dir = shard_job(root), tmp_path / "run"
+    boundary = ref_steps[5][0]  # the first record of the second window of shards, read by rank 0
+    data = dataset(f"{root}/shards/*", root)
+    shard_of = [int(np.searchsorted(data.starts, g, side="right")) - 1 for g in range(RUN_EPOCH)]
+    first = {shard_of[g] for s in range(1, 5) for g in ref_steps[s]}
+    assert first == {0, 4} and shard_of[boundary] not in first
+    # Four processes (a micro-batch a step each), SIGKILLed as rank 0 reads the boundary's record,
+    # after the snapshot of step 4, whose position is the boundary: 64 records, a whole window.
+    four = ["launcher=torchrun", "launcher.nproc_per_node=4", f"run_dir={run_dir}"]
+    proc = start(*job, *four, ORDER_LOG=str(tmp_path / "1"), ORDER_PAUSE_AT=str(boundary))
+    kill_when_paused(proc, tmp_path / "1", run_dir / "snapshots" / "step_00000004")
+    assert (tmp_path / "1" / "rank0.txt").read_text().split()[-4] == str(boundary)  # its batch's first
+    first_life = steps_read(tmp_path / "1", 1, 16, RUN_EPOCH)
+    assert {s: first_life[s] for s in range(1, 5)} == {s: ref_steps[s] for s in range(1, 5)}
+
+    again = disttrain(
+        *job,
+        "launcher=torchrun",
+        "launcher.nproc_per_node=2",
+        f"run_dir={run_dir}",
+        ORDER_LOG=str(tmp_path / "2"),
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(epoch 0, step 4, 4 -> 2 processes)" in again.stderr
+    assert_resumed_like_the_reference(shard_reference, run_dir, tmp_path / "2", 4)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_killed_at_the_end_of_an_epoch_with_2_workers_resumes_into_the_next_with_none(
+    shard_reference, tmp_path
+) -> None:
+    from collections import Counter
+
+    from tests.support import disttrain, start
+
+    root, ref_steps = shard_reference
+    job, run_dir = shard_job(root), tmp_path / "run"
+    # One process, two loader workers (each 2 batches ahead): paused as a worker reads the epoch's last
+    # step (12, its 5 records), after the snapshot of step 10; killed there, in epoch 0's last steps.
+    proc = start(
+        *job, "trainer.num_workers=2", f"run_dir={run_dir}",
+        ORDER_LOG=str(tmp_path / "1"), ORDER_PAUSE_AT=str(ref_steps[12][0]),
+    )  # fmt: skip
+    kill_when_paused(proc, tmp_path / "1", run_dir / "snapshots" / "step_00000010")
+    read = Counter(int(v) for v in (tmp_path / "1" / "rank0.txt").read_text().split())
+    assert read >= Counter(g for s in range(1, 11) for g in ref_steps[s])
+
+    # Resumed on two processes without workers: steps 11 and 12 end epoch 0, 13 to 24 are epoch 1.
+    two = ["launcher=torchrun", "launcher.nproc_per_node=2", f"run_dir={run_dir}"]
+    again = disttrain(*job, *two, ORDER_LOG=str(tmp_path / "2"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(epoch 0, step 10, 1 -> 2 processes)" in again.stderr
+    assert_resumed_like_the_reference(shard_reference, run_dir, tmp_path / "2", 10)
 
 
 def test_a_shard_failing_mid_run_stops_it_in_one_line_with_the_last_snapshot_kept(tmp_path) -> None:
