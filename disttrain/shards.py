@@ -456,7 +456,7 @@ class Shards(Dataset):
             elif self.formats[s] == "tar":
                 rows[mine] = [self._tar_tokens(s, int(k)) for k in local]
             else:
-                rows[mine] = [self._jsonl_tokens(s, int(k)) for k in local]
+                rows[mine] = self._jsonl_rows(s, local)
             if (bad := int(rows[mine].max())) >= self.vocab_size or int(rows[mine].min()) < 0:
                 bad = bad if bad >= self.vocab_size else int(rows[mine].min())
                 k = int(local[(rows[mine] == bad).any(axis=1)][0])
@@ -483,9 +483,20 @@ class Shards(Dataset):
             self._refuse_short(s, k, len(tokens))
         return tokens[: self.context + 1]
 
-    def _jsonl_tokens(self, s: int, k: int) -> list[int]:
-        """Record k of JSONL shard s: its first context + 1 token ids."""
-        return self._record_tokens(s, k, self.record(int(self.starts[s]) + k))
+    def _jsonl_rows(self, s: int, local: np.ndarray) -> list[list[int]]:
+        """Records `local` of JSONL shard s: the first context + 1 token ids of each. Their lines are
+        parsed as one JSON array (one call, not one a line); a batch that does not parse so is parsed
+        line by line, which names the bad line."""
+        offsets = self._offsets[s]
+        assert offsets is not None
+        lines = [self._read(s, int(offsets[k]), int(offsets[k + 1]) - int(offsets[k])) for k in local]
+        try:
+            records = json.loads(b"[" + b",".join(lines) + b"]")
+        except ValueError:
+            records = None
+        if records is None or len(records) != len(lines):  # (a line `1, 2` would be two records)
+            records = [self.record(int(self.starts[s]) + int(k)) for k in local]
+        return [self._record_tokens(s, int(k), r) for k, r in zip(local, records, strict=True)]
 
     def _record_tokens(self, s: int, k: int, record: Any) -> list[int]:
         """A JSON record's first context + 1 token ids, from its `field`."""
@@ -523,8 +534,30 @@ def decode_member(ext: str, data: bytes) -> Any:
     if last in _INT_MEMBERS:
         return int(data.decode().strip())
     if last == "npy":
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return _npy(data)
     return data
+
+
+#: .npy headers seen (their bytes: dtype, shape, order) -> how to view the data after them.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """A .npy file's array. np.load parses each header with `ast.literal_eval`, which costs more than
+    the read itself for a sample's few hundred tokens: a header already seen is looked up instead."""
+    size = 2 if data[6:7] == b"\x01" else 4  # the header's length field: 2 bytes in version 1, else 4
+    end = 8 + size + int.from_bytes(data[8 : 8 + size], "little")
+    header = data[:end]
+    if header not in _NPY_HEADERS:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if len(_NPY_HEADERS) >= 4096:  # as many lengths as that: keep the cache bounded
+            _NPY_HEADERS.clear()
+        fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+        _NPY_HEADERS[header] = (array.dtype, array.shape, fortran, end)
+        return array
+    dtype, shape, fortran, offset = _NPY_HEADERS[header]
+    flat = np.frombuffer(data, dtype, offset=offset)
+    return flat.reshape(shape, order="F") if fortran else flat.reshape(shape)
 
 
 def _format_of(url: str) -> str:

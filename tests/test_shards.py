@@ -243,6 +243,12 @@ def test_webdataset_tars_yield_the_samples_their_records_would_as_jsonl(tmp_path
         by_url = dataset(url, tmp_path)
         assert len(by_url) == 23 and torch.equal(by_url[11][0], from_npy[11][0])
     memory.rm("/wds-test", recursive=True)
+    # An array member reads back as np.load gives it, the first time and from the header seen before.
+    grids = [np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4) + g) for g in range(3)]
+    write_tar(tmp_path / "grids.tar", [{"grid.npy": grid} for grid in grids])
+    read = dataset(str(tmp_path / "grids.tar"), tmp_path, decode=lambda r: r["grid.npy"])
+    for g in (0, 1, 2, 1):
+        assert read[g].dtype == np.float32 and np.array_equal(read[g], grids[g])
 
 
 def test_a_bad_tar_is_one_line_naming_it(tmp_path) -> None:
