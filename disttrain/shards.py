@@ -204,13 +204,26 @@ class Shards(Dataset):
 
     def _tar_index(self, url: str) -> tuple[np.ndarray, list[str]]:
         """A tar shard's samples: per sample, the (offset, size) of each member, the members in the order
-        of their sorted extensions (returned too, and kept in a sidecar file next to the index). Every
-        sample must have the members of the shard's first sample: one without is refused, never skipped."""
-        fs, inner = _filesystem(url)
+        of their sorted extensions (returned too, and kept in a sidecar file next to the index); for
+        token samples, the members must hold the tokens."""
         cached, size = self._index_file(url, ".tar")
         sidecar = cached.with_suffix(".json")
         if cached.is_file() and sidecar.is_file():
-            return np.load(cached, mmap_mode="r"), json.loads(sidecar.read_text())
+            index, members = np.load(cached, mmap_mode="r"), json.loads(sidecar.read_text())
+        else:
+            index, members = self._scan_tar(url, cached, size, sidecar)
+        if self.decode is None and members and not {f"{self.field}.npy", "json"} & set(members):
+            raise ConfigError(
+                f"data.field={self.field!r}: shard {url} has no KEY.{self.field}.npy nor KEY.json member "
+                f"to take a sample's tokens from (its samples have {', '.join(members)})"
+            )
+        return index, members
+
+    def _scan_tar(self, url: str, cached: Path, size: int, sidecar: Path) -> tuple[np.ndarray, list[str]]:
+        """One pass over tar shard `url`'s member headers: the index `_tar_index` returns, written to
+        `cached` and `sidecar`. Every sample must have the members of the shard's first sample: one
+        without is refused, never skipped."""
+        fs, inner = _filesystem(url)
         rows: list[int] = []  # flat: offset, size of each member of each sample
         members: list[str] | None = None
         key: str | None = None
@@ -222,12 +235,6 @@ class Shards(Dataset):
                 return
             if members is None:
                 members = sorted(sample)
-                if self.decode is None and not {f"{self.field}.npy", "json"} & set(members):
-                    raise ConfigError(
-                        f"data.field={self.field!r}: shard {url} sample {key!r} has no "
-                        f"{key}.{self.field}.npy nor {key}.json member to take its tokens from "
-                        f"(it has {', '.join(members)})"
-                    )
             if sorted(sample) != members:
                 lacks = sorted(set(members) - set(sample)) or sorted(set(sample) - set(members))
                 what = "lacks" if set(members) - set(sample) else "has an extra"
