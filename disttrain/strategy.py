@@ -232,6 +232,23 @@ def build_model(factory: Callable[[], nn.Module], cfg: TrainConfig, env: DistEnv
     return model
 
 
+def check_built(model: nn.Module, strategy: str, rank: int) -> None:
+    """A model with tensors on the meta device (shapes, no values) trains only where rank 0's weights
+    fill it: strategy=fsdp, on a rank other than 0. ConfigError otherwise, before any process group."""
+    if not on_meta(model):
+        return
+    if strategy != "fsdp":
+        rule = f"only strategy=fsdp fills such a model with rank 0's weights (this job's is {strategy})"
+    elif rank == 0:
+        rule = "rank 0 builds it in full: its weights are the ones every other rank gets"
+    else:
+        return
+    raise ConfigError(
+        f"model: {type(model).__name__} has tensors on the meta device (no values), and {rule}; "
+        "build it with disttrain.build_model"
+    )
+
+
 def meta_init(cfg: TrainConfig, world_size: int) -> bool:
     """Whether a job builds its model on the meta device on every rank but rank 0 (see build_model)."""
     return resolve_strategy(cfg, world_size) == "fsdp" and cfg.strategy.meta_init and world_size > 1
@@ -254,14 +271,10 @@ def check_meta_build(model: nn.Module, key: str) -> None:
 
 def rank0_full_state(model: nn.Module, env: DistEnv) -> dict[str, Any]:
     """Rank 0's full state dict (references to its tensors, no copy), before the sharding replaces its
-    parameters: what `fill_from_rank0` sends. Empty elsewhere. ConfigError if rank 0's is on meta."""
+    parameters: what `fill_from_rank0` sends (rank 0's model is never on meta: `check_built`). Empty
+    elsewhere."""
     if env.rank != 0 or env.world_size == 1:
         return {}
-    if on_meta(model):
-        raise ConfigError(
-            "model: rank 0's model is on the meta device; rank 0 builds it in full and sends its weights "
-            "to the other ranks (disttrain.build_model builds it so)"
-        )
     return model.state_dict()
 
 

@@ -72,7 +72,7 @@ from disttrain.step import (
     take,
     to_device,
 )
-from disttrain.strategy import FSDPStrategy, compiler_missing, make_strategy
+from disttrain.strategy import FSDPStrategy, check_built, compiler_missing, make_strategy
 
 log = logging.getLogger("disttrain")
 # The schedule advances with every optimizer step, applied or skipped (non-finite gradients): torch
@@ -293,6 +293,7 @@ class Trainer:
         t = cfg.trainer
         check_model(model)
         _check_optimizer(optimizer, model)
+        check_built(model, resolve_strategy(cfg, world_size), placement().rank if env is None else env.rank)
         self.callbacks = Callbacks(with_config_loggers(callbacks, cfg.logger))
         patience = cfg.trainer.early_stop_patience
         if patience and EARLY_STOP not in self.callbacks.named:  # the config's shorthand for the callback

@@ -13,9 +13,12 @@ import pytest
 import torch
 
 import disttrain
+from disttrain import Trainer
 from disttrain.config import ConfigError, StrategyConfig, TrainConfig
+from disttrain.data import TokenCorpus
 from disttrain.dist import DistEnv
 from disttrain.models import CharGPT
+from disttrain.strategy import check_built
 from tests.support import ROOT, env, summary, torchrun
 from tests.support import disttrain as run_disttrain
 from tests.targets import TableGPT
@@ -58,6 +61,21 @@ def test_a_plain_tensor_attribute_is_refused_naming_its_module() -> None:
         "tensor 'table' that is neither a parameter nor a buffer, so rank 0 cannot send it; register it "
         "with register_buffer, or set strategy.meta_init=false"
     )
+
+
+def test_a_meta_model_is_refused_where_rank_0_cannot_fill_it(tmp_path) -> None:
+    with torch.device("meta"):
+        model = CharGPT(block_size=8, n_layer=1, n_embd=16, n_head=2)
+    data = TokenCorpus(vocab_size=256, num_tokens=2000, context=8, sequence=True)
+    with pytest.raises(ConfigError) as refused:
+        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, TrainConfig(run_dir=str(tmp_path)))
+    assert str(refused.value) == (
+        "model: CharGPT has tensors on the meta device (no values), and only strategy=fsdp fills such a "
+        "model with rank 0's weights (this job's is single); build it with disttrain.build_model"
+    )
+    with pytest.raises(ConfigError, match="rank 0 builds it in full: its weights are the ones every other"):
+        check_built(model, "fsdp", rank=0)
+    check_built(model, "fsdp", rank=1)  # filled from rank 0's
 
 
 @pytest.fixture(scope="module")
