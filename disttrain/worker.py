@@ -38,6 +38,7 @@ from disttrain.config import (
 from disttrain.data import one_sample_micro_batches, training_splits
 from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError, freeze_config, newest_snapshot
+from disttrain.strategy import build_model
 from disttrain.trainer import Trainer, check_model, check_tail_for_batchnorm, make_optimizer
 
 log = logging.getLogger("disttrain")
@@ -134,8 +135,6 @@ def check_blocks(cfg: TrainConfig, world_size: int = 1) -> None:
 def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) -> Trainer:
     """Model, data and optimizer from the config's `_target_`s; every rank initialises from one seed."""
     dataset = build("data", cfg.data) if dataset is None else dataset
-    from disttrain.strategy import build_model
-
     torch.manual_seed(cfg.trainer.seed)
     model = build_model(lambda: build("model", cfg.model), cfg, env)
     check_model(model, f"model._target_={cfg.model.get('_target_')!r}")
