@@ -138,24 +138,28 @@ def fsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def test_hsdp_snapshot_killed_mid_epoch_resumes_on_1x4_then_2_then_1_process(
+def test_hsdp_snapshot_killed_mid_epoch_moves_to_1x4_2x2_2_and_1_process_and_exports(
     tmp_path, fsdp_reference
 ) -> None:
     # HSDP 2×2 (2 replicas of 2 shards), SIGKILLed mid-epoch; its DCP shards reshard into FSDP over 4
-    # processes (1×4), then 2 processes, then one: every step's loss that of the run never interrupted.
+    # processes (1×4), back into HSDP 2×2, then 2 processes, then one: every step's loss that of the run
+    # never interrupted. The HSDP life's snapshot exports as one full model.
     run_dir = tmp_path / "run"
-    hsdp = start(*MOVING, *FOUR, "strategy.replicate=2", "snapshot.every_steps=4", f"run_dir={run_dir}")
-    kill_at_step(hsdp, run_dir, 14)
-    lives = [
-        (FOUR, 18),  # 1×4
-        (FSDP, 24),
-        ([], 30),
-    ]
+    hsdp = [*FOUR, "strategy.replicate=2"]
+    started = start(*MOVING, *hsdp, "snapshot.every_steps=4", f"run_dir={run_dir}")
+    kill_at_step(started, run_dir, 14)
+    lives = [(FOUR, 18), (hsdp, 22), (FSDP, 26), ([], 30)]
     for overrides, until in lives:
         res = disttrain(*MOVING, *overrides, "snapshot.every_steps=4", f"trainer.max_steps={until}",
                         f"run_dir={run_dir}")  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
         assert "resumed from" in res.stderr
+        if overrides is hsdp:
+            name, state = exported_state(run_dir)
+            assert name == "step_00000022"
+            model = CharGPT(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
+            model.load_state_dict(state)
+            assert params_sha256(model) == summary(run_dir)["params_sha256"]
     got, expected = losses(run_dir), losses(fsdp_reference)
     assert [step for step, _ in got] == list(range(1, 31))  # contiguous: each life continues the last
     for (step, loss), (_, want) in zip(got, expected, strict=True):
