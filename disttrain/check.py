@@ -17,7 +17,7 @@ Two optimizer steps of the configured job, from the same weights over the same s
 The variants of `--nproc` processes run one after another in one torchrun job, hsdp in another.
 A model with dropout draws other random numbers under every strategy: its variants are compared only
 with their activation-checkpointed twins (V with V+full and V+selective), which must recompute the
-same random numbers.
+same random numbers, and only the variants that have such twins run.
 
 The first step takes `--samples` samples; the second (`+tail`) is an epoch's short last step, of
 `--samples` / 2 + 1 more: the ranks hold unequal shares, and a rank fewer micro-batches than another.
@@ -262,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2
     checkpointed = has_blocks(cfg)
+    # With dropout a variant is compared with its activation-checkpointed twins only: one without twins
+    # would be run for nothing.
+    twins_only = has_dropout(cfg)
+    twinned = set(CHECKPOINTED) if checkpointed else set()
+
+    def wanted(name: str) -> bool:
+        return not twins_only or twin_of(name) in twinned
+
     captured: dict[str, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="disttrain-check-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -278,12 +286,17 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     config = variant_config(cfg, tmp, name, base, activation_checkpointing=mode)
                     multi[name] = (config, 1)
+        single = {name: v for name, v in single.items() if wanted(name)}
+        multi = {name: v for name, v in multi.items() if wanted(name)}
         for name, (strategy, micro) in single.items():
             mode = name.partition("+")[2] if name.startswith("single+") else "none"
             data = variant_config(cfg, tmp, name, strategy, activation_checkpointing=mode)
             captured[name] = capture_steps(load_config(data), samples, micro or args.accumulate)
-        captured |= _run_torchrun(cfg, args, args.nproc, multi, tmp)
+        if multi:
+            captured |= _run_torchrun(cfg, args, args.nproc, multi, tmp)
         for name, (nproc, replicas) in HSDP.items():
+            if not wanted(name):
+                continue
             hsdp = {name: (variant_config(cfg, tmp, name, "fsdp", replicate=replicas), 1)}
             captured |= _run_torchrun(cfg, args, nproc, hsdp, tmp)
     # A step over the epoch's short end is compared with the others' (report pairs tails with tails).
@@ -291,7 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     results |= {name + TAIL: steps[1] for name, steps in captured.items() if len(steps) > 1}
     if not tail:
         print("(the model has BatchNorm: the +tail step, with a micro-batch of one sample, is left out)")
-    twins_only = has_dropout(cfg)
     if twins_only:
         print(
             "(the model has dropout, whose random numbers differ between strategies: each variant is "
