@@ -15,7 +15,11 @@ from typing import Any
 
 import pytest
 
+from tests.hooks.sitecustomize import LOG_ENV as SLOW_WRITE_LOG_ENV
+from tests.hooks.sitecustomize import SECONDS_ENV as SLOW_WRITE_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
+HOOKS = ROOT / "tests" / "hooks"
 
 
 def require(reason: str | None) -> None:
@@ -70,6 +74,19 @@ def env(**extra: str) -> dict[str, str]:
     e.pop("RANK", None)
     e.update(extra)
     return e
+
+
+def slow_writes(seconds: float, log: Path) -> dict[str, str]:
+    """The environment (for `start` or `disttrain`) in which every snapshot write of the job, in every
+    process, sleeps `seconds` before its commit and notes it in `log` (tests/hooks/sitecustomize.py):
+    time for a signal to land inside a write. `slowed(log)` says whether one did."""
+    path = os.pathsep.join(p for p in (str(HOOKS), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, SLOW_WRITE_ENV: str(seconds), SLOW_WRITE_LOG_ENV: str(log)}
+
+
+def slowed(log: Path) -> int:
+    """Snapshot writes the hook slowed (`slow_writes`): a test of a slow write asserts there was one."""
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def disttrain(
