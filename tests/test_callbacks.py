@@ -7,30 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
 from disttrain.callbacks import EVENTS, CallbackError
 from disttrain.cli import main
-from disttrain.config import ConfigError, SnapshotConfig, TrainConfig, TrainerConfig
-from disttrain.data import RandomRegression
+from disttrain.config import ConfigError
 from disttrain.snapshot import list_snapshots
-from disttrain.trainer import Trainer, seed_everything
-from tests.callbacks import Raises, Recorder, StepCounter, StopAt, Typo
+from tests.callbacks import Raises, Recorder, StepCounter, StopAt, Typo, regression_trainer
 from tests.support import SMALL, disttrain, kill_at_step, start, summary
-
-
-def regression_trainer(run_dir: Path, callbacks, **trainer) -> Trainer:
-    """48 samples, 12 held out: steps of 8, the fifth of each epoch takes the 4 left."""
-    seed_everything(0)
-    model = nn.Linear(20, 1)
-    cfg = TrainConfig(
-        run_dir=str(run_dir),
-        trainer=TrainerConfig(**{"batch_size": 8, "max_epochs": 2, "val_fraction": 0.25, **trainer}),
-        snapshot=SnapshotConfig(every_steps=2),
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    return Trainer(model, optimizer, RandomRegression(size=48), cfg, callbacks=callbacks)
 
 
 def events(out: Path, rank: int = 0) -> list[str]:

@@ -20,9 +20,8 @@ from disttrain.cli import main
 from disttrain.compose import compose
 from disttrain.loggers import CSV, MLflow, TensorBoard, flatten
 from disttrain.metrics import read_metrics
-from tests.callbacks import Raises, StopAt
+from tests.callbacks import Raises, StopAt, regression_trainer
 from tests.support import SMALL, disttrain, kill_at_step, start, summary
-from tests.test_callbacks import regression_trainer
 
 # mlflow's import calls platform.platform(), which runs `uname -p` once per interpreter (platform caches
 # it): done here, as the module is collected, so the in-process tests below start no process.

@@ -25,9 +25,19 @@ from disttrain.plot import main as plot_main
 from disttrain.snapshot import Snapshot, list_snapshots
 from tests.conftest import require
 from tests.reliability_targets import FlatTargets
-from tests.support import ROOT, SMALL, disttrain, gone, slow_writes, slowed, start, summary, wait_for_step
-from tests.test_config import NUMBERS
-from tests.test_launch import JOB as DDP_JOB
+from tests.support import JOB as DDP_JOB
+from tests.support import (
+    NUMBERS,
+    ROOT,
+    SMALL,
+    disttrain,
+    gone,
+    slow_writes,
+    slowed,
+    start,
+    summary,
+    wait_for_step,
+)
 
 REGRESSION = ["model=regression", "data=regression", "data.size=256", "trainer.num_threads=1"]
 
