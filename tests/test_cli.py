@@ -89,7 +89,7 @@ def test_a_target_that_raises_when_built_is_one_line(tmp_path, key) -> None:
     assert result.returncode == 1, result.stderr
     assert result.stderr == (
         f"disttrain: error: {key}._target_='tests.targets.FailsInInit': building it raised ValueError: "
-        f"5 arguments, and none of them is width ({ROOT}/tests/targets.py:15)\n"
+        f"5 arguments, and none of them is width ({ROOT}/tests/targets.py:16)\n"
     )
 
 

@@ -302,7 +302,8 @@ def test_checkpointing_a_model_without_blocks_is_one_line_and_starts_nothing(tmp
 
 def test_resuming_a_sharded_snapshot_into_another_shape_is_one_line(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    assert disttrain(*GPT, *FSDP, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    first = disttrain(*GPT, *FSDP, "trainer.max_steps=5", f"run_dir={run_dir}")
+    assert first.returncode == 0, first.stderr[-3000:]
     # The CLI compares the model's config before anything starts; a model built in Python of another
     # shape (width 48, not 32) only shows when the shards load.
     script = tmp_path / "resume.py"
