@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,7 +46,14 @@ from disttrain.config import (
     resume_mismatch,
     to_dict,
 )
-from disttrain.data import make_loader, one_sample_micro_batches, training_splits
+from disttrain.data import (
+    EpochSampler,
+    InProcessLoader,
+    WorkerLoader,
+    make_loader,
+    one_sample_micro_batches,
+    training_splits,
+)
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
 from disttrain.early_stopping import EarlyStopping
 from disttrain.health import GradHealth, Verdict, full, grad_flow, halve_lr
@@ -73,6 +80,7 @@ from disttrain.step import (
     to_device,
 )
 from disttrain.strategy import FSDPStrategy, compiler_missing, make_strategy
+from disttrain.streams import StreamLoader, is_stream, stream_loader, val_batches
 
 log = logging.getLogger("disttrain")
 # The schedule advances with every optimizer step, applied or skipped (non-finite gradients): torch
@@ -312,7 +320,8 @@ class Trainer:
             cfg.step = {"_target_": callable_name(step)}  # what a resume compares
         self.step = step or DefaultStep(model, loss, loss_fn, getattr(dataset, "loss_items", "targets"))
         dataset, val_dataset = training_splits(dataset, val_dataset, t, world_size)
-        check_tail_for_batchnorm(model, len(dataset), t, world_size)  # type: ignore[arg-type]
+        if not is_stream(dataset):  # (a stream's tail is known only as it runs)
+            check_tail_for_batchnorm(model, len(dataset), t, world_size)  # type: ignore[arg-type]
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self._owns_process_group = env is None and not dist.is_initialized()
@@ -326,18 +335,30 @@ class Trainer:
         self.accumulate = accumulate_for(t, self.env.world_size)
         #: Samples of one optimizer step on all ranks, and of one epoch (a multiple of it with drop_last).
         self.global_batch = self.env.world_size * t.batch_size * self.accumulate
-        n = len(dataset)  # type: ignore[arg-type]
-        self.epoch_samples = n - n % self.global_batch if t.drop_last else n
-        self.sampler = self.strategy.sampler(dataset, t.shuffle, seed=t.seed, length=self.epoch_samples)
         loading = (t.batch_size, t.num_workers, pin, collate_fn or collate)
-        self.loader = make_loader(dataset, self.sampler, *loading)
-        self.val_loader = None
-        if val_dataset is not None:
+        #: A user's IterableDataset (disttrain.streams): its windows, their size agreed by the ranks.
+        self.stream: StreamLoader | None = None
+        self.loader: InProcessLoader | WorkerLoader
+        self.sampler: EpochSampler | None
+        self.val_loader: InProcessLoader | WorkerLoader | None = None
+        if is_stream(dataset):
+            stream = StreamLoader(dataset, self.env, self.accumulate, *loading, drop_last=t.drop_last)  # type: ignore[arg-type]
+            self.stream = stream
+            self.loader, self.sampler, self.epoch_samples = stream.loader, None, 0
+            self.steps_per_epoch = stream.steps_per_epoch()  # 0: unknown (trainer.max_steps ends it)
+        else:
+            n = len(dataset)  # type: ignore[arg-type]
+            self.epoch_samples = n - n % self.global_batch if t.drop_last else n
+            self.sampler = self.strategy.sampler(dataset, t.shuffle, seed=t.seed, length=self.epoch_samples)
+            self.loader = make_loader(dataset, self.sampler, *loading)
+            self.steps_per_epoch = math.ceil(self.epoch_samples / self.global_batch)
+        if is_stream(val_dataset):
+            self.val_loader = stream_loader(val_dataset, *loading)  # type: ignore[arg-type]
+        elif val_dataset is not None:
             val_sampler = self.strategy.sampler(val_dataset, shuffle=False, seed=t.seed, pad=True)
             self.val_loader = make_loader(val_dataset, val_sampler, *loading)
-        self.steps_per_epoch = math.ceil(self.epoch_samples / self.global_batch)
         total_steps = t.max_epochs * self.steps_per_epoch
-        self.total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
+        self.total_steps = min(total_steps or t.max_steps, t.max_steps) if t.max_steps else total_steps
         self.scheduler = scheduler or make_scheduler(cfg.optim, optimizer, self.total_steps)
         #: Whether the learning rate changes once warm-up is over (a user's scheduler may change it).
         self.lr_moves = scheduler is not None or cfg.optim.schedule != "constant"
@@ -607,37 +628,47 @@ class Trainer:
 
     def _run_epoch(self) -> None:
         c, k, world = self.counters, self.accumulate, self.env.world_size
-        # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
-        # Mid-epoch (after a resume) the sampler starts at this rank's share of the samples consumed:
-        # rank r's i-th sample is the (r + i·world)-th of the epoch's one permutation, whatever world is.
-        self.sampler.set_epoch(c.epoch, start=c.samples_in_epoch // world)
-        # The loader draws its workers' seed from its own generator, not the global RNG, so a restored
-        # RNG is the one the first life had, before or after iter().
-        self.loader.generator = torch.Generator().manual_seed(self.cfg.trainer.seed + c.epoch)
+        stream = self.stream
+        if self.sampler is not None:
+            # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
+            # Mid-epoch (after a resume) the sampler starts at this rank's share of the samples consumed:
+            # rank r's i-th sample is the (r + i·world)-th of the epoch's one permutation, whatever world is.
+            self.sampler.set_epoch(c.epoch, start=c.samples_in_epoch // world)
+            # The loader draws its workers' seed from its own generator, not the global RNG, so a restored
+            # RNG is the one the first life had, before or after iter().
+            self.loader.generator = torch.Generator().manual_seed(self.cfg.trainer.seed + c.epoch)
         if "rng" in self._pending:
             set_rng_state(self._pending.pop("rng"))
         self.callbacks.fire("on_epoch_start", self.run_view)
-        batches = iter(self.loader)
+        if stream is not None:
+            stream.start_epoch(c.epoch, self.cfg.trainer.seed + c.epoch)
+        batches = iter(self.loader) if stream is None else iter(())
         n, whole = self.epoch_samples, self.global_batch
         log_every, val_every = self.cfg.trainer.log_every_steps, self.cfg.trainer.val_every_steps
         snapshot_every = self.cfg.snapshot.every_steps
         self._epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
         compiled = self.cfg.trainer.compile
-        while c.samples_in_epoch < n:
+        while c.samples_in_epoch < n or stream is not None:
             tick = time.perf_counter()
-            size = min(whole, n - c.samples_in_epoch)  # the window's samples on all ranks
-            if size == whole:
-                window = [next(batches)] if k == 1 else list(itertools.islice(batches, k))
-            else:  # the epoch's last window: this rank's part of what is left, maybe nothing
-                window = list(itertools.islice(batches, self._micro_batches(size, self.env.rank)))
+            micro, last = None, False
+            if stream is not None:  # the window's size is known once the ranks have pulled theirs
+                window, size, micro, last = stream.pull()
+                if not size:
+                    return self._end_epoch_after_its_last_step(epoch_steps, epoch_start)
+            else:
+                size = min(whole, n - c.samples_in_epoch)  # the window's samples on all ranks
+                if size == whole:
+                    window = [next(batches)] if k == 1 else list(itertools.islice(batches, k))
+                else:  # the epoch's last window: this rank's part of what is left, maybe nothing
+                    window = list(itertools.islice(batches, self._micro_batches(size, self.env.rank)))
             data_time = time.perf_counter() - tick
-            result = self._train_step(window, size)
+            result = self._train_step(window, size, micro)
             c.step += 1
             if compiled and self._compile_check_step == c.step:
                 self._say_how_compile_went()
             c.samples_in_epoch += size
             epoch_steps += 1
-            epoch_done = c.samples_in_epoch == n
+            epoch_done = last if stream is not None else c.samples_in_epoch == n
             log_line = epoch_done or c.step % log_every == 0
             self._log_step(result, data_time, time.perf_counter() - tick, log_line)
             if self._on_step_end:
@@ -664,6 +695,22 @@ class Trainer:
             if stopping or epoch_done:
                 return
 
+    def _end_epoch_after_its_last_step(self, epoch_steps: int, epoch_start: float) -> None:
+        """Every rank's stream ended on a window's boundary, seen one pull after the epoch's last step:
+        the epoch's end without a step (validation, a snapshot unless the step has one, on_epoch_end)."""
+        c = self.counters
+        if not c.samples_in_epoch:  # (else every epoch would end at once, training nothing)
+            assert self.stream is not None
+            raise ConfigError(f"data: {self.stream.name} yields no sample in epoch {c.epoch}, on any rank")
+        c.epoch, c.samples_in_epoch = c.epoch + 1, 0
+        self._validate()
+        self._should_stop()
+        if self._snapshot_step != c.step:
+            self._save_snapshot()
+        if epoch_steps:
+            self._print_epoch(self._epoch_loss / epoch_steps, time.perf_counter() - epoch_start, epoch_steps)
+        self.callbacks.fire("on_epoch_end", self.run_view)
+
     def _check_skips(self, result: StepResult) -> None:
         """health.max_skipped_steps steps skipped in a row: the run no longer trains, and stops as diverged.
         Every rank counts the same skips (the verdicts come from all-reduced values), so every rank
@@ -686,7 +733,7 @@ class Trainer:
         world, batch_size = self.env.world_size, self.cfg.trainer.batch_size
         return -(-max(0, -(-(size - rank) // world)) // batch_size)
 
-    def _train_step(self, window: list[Any], size: int) -> StepResult:
+    def _train_step(self, window: list[Any], size: int, micro: int | None = None) -> StepResult:
         """One optimizer step over an accumulation window of micro-batches, `size` samples on all ranks.
         Its gradient is that of the mean loss over all loss items of the window on all ranks (the
         design page's first contract):
@@ -699,12 +746,14 @@ class Trainer:
         Every rank runs as many micro-batches as rank 0, which holds the most: in an epoch's last window
         a rank with fewer (or none) runs one sample of a batch again, weighted by zero, so that the
         strategy's collectives (DDP's all-reduce, FSDP's gathers) meet on every rank.
+        A stream's window says how many micro-batches every rank runs (`micro`, disttrain.streams).
         One micro-batch in one process needs none of this: its mean is the window's (_one_batch_step)."""
         world = self.env.world_size
         if world == 1 and len(window) == 1 and not self.fp16:
             return self._one_batch_step(window[0])
         samples = list(map(num_samples, window))
-        micro = self.accumulate if size == self.global_batch else self._micro_batches(size, 0)
+        if micro is None:
+            micro = self.accumulate if size == self.global_batch else self._micro_batches(size, 0)
         if len(window) < micro:
             window = window + [self._filler(window)] * (micro - len(window))
             samples += [0] * (micro - len(samples))
@@ -753,6 +802,23 @@ class Trainer:
         tokens = window_items if counted else self._targets(window, size)
         return StepResult(loss_sum, loss_over, norm_value, verdict, flow, size, tokens)
 
+    def _val_batches(self) -> Iterator[tuple[Any, int]]:
+        """The validation batches with their real samples (the rest is padding): a stream's (each rank
+        its own, disttrain.streams.val_batches), or the padded sampler's, whose positions past the
+        split's length are repeats."""
+        assert self.val_loader is not None
+        if is_stream(self.val_loader.dataset):
+            yield from val_batches(self.val_loader, self.env, lambda: self._filler([]))
+            return
+        world, batch_size = self.env.world_size, self.cfg.trainer.batch_size
+        val_split = self.val_loader.dataset
+        assert isinstance(val_split, Sized)  # training_splits refused a split without len()
+        n_real = len(val_split)
+        for j, batch in enumerate(self.val_loader):
+            # Rank r's k-th sample of batch j sits at global position r + world·(j·batch_size + k).
+            first = self.env.rank + world * j * batch_size
+            yield batch, min(num_samples(batch), max(0, -(-(n_real - first) // world)))
+
     def _filler(self, window: list[Any]) -> Any:
         """A micro-batch for a rank that holds fewer than rank 0 in an epoch's last window, weighted by
         zero (its gradient adds exactly nothing): this rank's latest batch again, whole (a BatchNorm
@@ -760,6 +826,8 @@ class Trainer:
         of it, reads a batch of the dataset's first samples."""
         if window:
             return window[-1]
+        if self._spare is None and self.stream is not None:
+            self._spare = self.stream.first_batch()
         if self._spare is None:
             first = [self.loader.dataset[i] for i in range(self.cfg.trainer.batch_size)]
             self._spare = self.loader.collate_fn(first)
@@ -970,18 +1038,11 @@ class Trainer:
             return
         self._log_summed_losses()  # the step lines before this validation's line
         c, world, device = self.counters, self.env.world_size, self.env.device
-        val_split = self.val_loader.dataset
-        assert isinstance(val_split, Sized)  # training_splits refused a split without len()
-        n_real = len(val_split)
-        batch_size = self.cfg.trainer.batch_size
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss × items, items
         means = ItemMeans()
         self.callbacks.fire("on_validation_start", self.run_view)
         self.model.eval()
-        for j, batch in enumerate(self.val_loader):
-            # Rank r's k-th sample of batch j sits at global position r + world·(j·batch_size + k).
-            first = self.env.rank + world * j * batch_size
-            real = min(num_samples(batch), max(0, -(-(n_real - first) // world)))
+        for batch, real in self._val_batches():
             # A batch of padding only still runs (FSDP's ranks must all call forward), weighted by 0.
             batch = to_device(take(batch, max(real, 1)), device)
             with self._autocast():
@@ -1054,6 +1115,8 @@ class Trainer:
         # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
         # an object training changes (rng_state() is new). The data position is in the counters.
         own = {"rng": rng_state()}
+        if self.stream is not None:
+            own["stream"] = self.stream.state_dict()
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg), "optimizer": class_name(self.optimizer)}
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta, write_sharded)
         self._snapshot_step = c.step
@@ -1086,8 +1149,13 @@ class Trainer:
         if "samples_in_epoch" not in shared["counters"]:  # a snapshot from before the global position
             batch = snap.manifest["config"]["trainer"]["batch_size"]
             self.counters.samples_in_epoch = shared["counters"]["batches_in_epoch"] * written_by * batch
+        own = snap.load_rank(self.env.rank) if written_by == self.env.world_size else {}
+        if self.stream is not None:
+            workers = snap.manifest["config"]["trainer"].get("num_workers", 0)
+            c = self.counters
+            self.stream.resume(own.get("stream"), c.epoch, c.samples_in_epoch, written_by, workers)
         if written_by == self.env.world_size:
-            self._pending = {"rng": snap.load_rank(self.env.rank)["rng"]}
+            self._pending = {"rng": own["rng"]}
         else:
             # A rank's RNG belongs to the world size that wrote it: each rank now draws from a stream
             # derived from (seed, step, rank), the same every time this resume runs.

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from disttrain import runlock
 from disttrain.callbacks import CallbackError
@@ -96,7 +96,8 @@ def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
     `world_size` processes: what a launcher checks before any process or run file exists."""
     dataset = build("data", cfg.data)
     train_split, _ = training_splits(dataset, None, cfg.trainer, world_size)
-    if one_sample_micro_batches(len(train_split), cfg.trainer, world_size):  # type: ignore[arg-type]
+    streaming = isinstance(train_split, IterableDataset)  # (its tail is known only as it runs)
+    if not streaming and one_sample_micro_batches(len(train_split), cfg.trainer, world_size):  # type: ignore[arg-type]
         # Rare enough to build the model for (on the meta device: no memory, no weights) to look for
         # a BatchNorm, which could not train on that micro-batch.
         with torch.device("meta"):
