@@ -17,8 +17,6 @@ from torch.utils.data import Dataset
 
 from disttrain import TrainConfig, Trainer
 from disttrain.config import ConfigError
-from disttrain.trainer import make_optimizer
-from tests.order import Regressor
 from tests.streams import Counting, LoggedRegressor, ReshardableCounting, Uneven, Unstated, X, Y, sample
 
 
@@ -250,21 +248,21 @@ def test_a_stateful_stream_resumed_on_another_shape_is_refused_in_one_line(tmp_p
 @pytest.mark.slow
 def test_streams_that_end_at_different_steps_train_as_one_process_on_their_windows(tmp_path) -> None:
     """Rank 0 streams 37 samples, rank 1 32: the epoch's last step holds rank 0's 5 (in micro-batches of
-    4 and 1) while rank 1 runs two fillers weighted by zero; one process streams the same windows."""
-    from tests.support import disttrain
+    4 and 1) while rank 1 runs two fillers weighted by zero; one process streams the same windows. The
+    validation streams hold 7 and 2 samples (rank 1 runs a filler while rank 0 reads its second batch)."""
+    from tests.scripts.uneven_stream import main
+    from tests.support import ROOT, torchrun
 
-    job = [
-        "--config-dir", "tests/conf", "model=regressor", "data=uneven", "trainer.batch_size=4",
-        "trainer.global_batch_size=16", "trainer.max_epochs=2", "trainer.max_steps=100",
-        "trainer.val_fraction=0", "trainer.num_threads=1", "optim.lr=0.05",
-    ]  # fmt: skip
-    two = disttrain(*job, "launcher=torchrun", "launcher.nproc_per_node=2", f"run_dir={tmp_path / 'two'}")
+    two = torchrun(ROOT / "tests" / "scripts" / "uneven_stream.py", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-3000:]
-    cfg = config(tmp_path / "one", accumulate=4, max_epochs=2)  # one process, in this one: the job's
-    cfg.optim.lr = 0.05  # model, seed and optimizer
-    torch.manual_seed(cfg.trainer.seed)
-    model = Regressor()
-    Trainer(model, make_optimizer(cfg.optim, model), Uneven([37, 32], window=8), cfg).fit()
+    main(str(tmp_path / "one"))  # one process: this one
     steps, values = zip(*losses(tmp_path / "two"), strict=True)
     assert steps == tuple(range(1, 11))  # 5 steps an epoch: 4 whole and one of 5
     assert values == pytest.approx([loss for _, loss in losses(tmp_path / "one")], rel=1e-6)
+    val_two, val_one = (val_losses(tmp_path / name) for name in ("two", "one"))
+    assert len(val_two) == 2 and val_two == pytest.approx(val_one, rel=1e-6)
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in rows if "val_loss" in r]
