@@ -20,7 +20,7 @@ _EXPORTS = {
     "distributed": "disttrain.dist",
     "setup_distributed": "disttrain.dist",
     "Trainer": "disttrain.trainer",
-    "seed_everything": "disttrain.trainer",
+    "seed_everything": "disttrain.run_state",
     "StepOutput": "disttrain.step",
     "run": "disttrain.cli",
 }

@@ -14,7 +14,7 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
 from typing import Any, NamedTuple
 
 import torch
@@ -161,17 +161,6 @@ class StreamLoader:
             return Window([], 0, 0, True)
         return Window(batches, size, micro, not more)
 
-    def first_batch(self) -> Any:
-        """A batch for a rank that holds none of a window and has seen none yet (resumed where its stream
-        had ended): the first of a copy of its stream, run weighted by zero."""
-        samples = list(itertools.islice(iter(copy.deepcopy(self.dataset)), self.loader.batch_size))
-        if not samples:
-            raise ConfigError(
-                f"data: {self.name} yields no sample on rank {self.env.rank}, which then has no batch to "
-                "run while the other ranks train; give every rank's stream a sample"
-            )
-        return self.loader.collate_fn(samples)
-
     def state_dict(self) -> dict[str, Any]:
         """This rank's part of a snapshot: the loader's state (its workers' dataset states among it), a
         copy, since the snapshot is written while training goes on."""
@@ -228,10 +217,25 @@ def shape(world_size: int, workers: int) -> str:
     return f"{processes} × {workers} loader worker{'s' if workers != 1 else ''}"
 
 
-def val_batches(loader: Iterable[Any], env: DistEnv, spare: Callable[[], Any]) -> Iterator[tuple[Any, int]]:
+def first_batch(loader: Any) -> Any:
+    """A batch for a rank that holds none of a window and has seen none yet (resumed where its stream had
+    ended, or a validation stream that ended before the others'): the first of a copy of its stream (the
+    copy leaves the stream's own position alone), run weighted by zero."""
+    samples = list(itertools.islice(iter(copy.deepcopy(loader.dataset)), loader.batch_size))
+    if not samples:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise ConfigError(
+            f"data: {type(loader.dataset).__name__} yields no sample on rank {rank}, which then has no "
+            "batch to run while the other ranks do; give every rank's stream a sample"
+        )
+    return loader.collate_fn(samples)
+
+
+def val_batches(loader: Any, env: DistEnv) -> Iterator[tuple[Any, int]]:
     """A validation stream's batches with their real samples: each rank its own stream; on more than one
     process the ranks agree at every batch whether any still has one (one all-reduce a batch), and a
-    rank whose stream ended runs `spare()` weighted by zero, so that FSDP's gathers meet on every rank."""
+    rank whose stream ended runs its last batch again (or first_batch) weighted by zero, so that FSDP's
+    gathers meet on every rank."""
     batches, last = iter(loader), None
     while True:
         batch = next(batches, None)
@@ -243,7 +247,7 @@ def val_batches(loader: Iterable[Any], env: DistEnv, spare: Callable[[], Any]) -
         elif batch is None:
             return
         if batch is None:
-            yield (last if last is not None else spare()), 0
+            yield (last if last is not None else first_batch(loader)), 0
         else:
             last = batch
             yield batch, num_samples(batch)

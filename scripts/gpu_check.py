@@ -74,6 +74,7 @@ def gpt_run(
     compile_: bool = False,
     env: Any = None,
     probe: Callable[[Any], None] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """A GPT trained through the disttrain Trainer (Python API) on this device; what metrics.jsonl says."""
     import torch
@@ -109,7 +110,7 @@ def gpt_run(
         optim=OptimConfig(name="adamw", lr=3e-3, weight_decay=0.0, warmup_steps=0, schedule="constant"),
         snapshot=SnapshotConfig(every_steps=0, keep_last=1),
     )
-    trainer = Trainer(model, make_optimizer(cfg.optim, model), data, cfg, env=env)
+    trainer = Trainer(model, make_optimizer(cfg.optim, model), data, cfg, env=env, callbacks=callbacks)
     if probe is not None:
         probe(trainer)
     summary = trainer.fit()
@@ -118,7 +119,8 @@ def gpt_run(
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         rows = [r for r in map(json.loads, lines) if "loss" in r]
     out = {"summary": summary, "rows": rows, "trainer": trainer}
-    out["scale"] = trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None
+    scaler = trainer.precision.scaler
+    out["scale"] = scaler.get_scale() if scaler is not None else None
     out["device_name"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     return out
 
@@ -162,7 +164,7 @@ def check_train(args: argparse.Namespace, scratch: Path) -> str:
     figure = f"loss {first:.3f} -> {last:.3f} in {len(res['rows'])} steps"
     skipped = sum(r["skipped"] for r in res["rows"])
     if args.precision == "fp16":
-        scaler = res["trainer"].scaler
+        scaler = res["trainer"].precision.scaler
         figure += f", {type(scaler).__name__}({args.device}) scale {res['scale']:g}, {skipped} skipped"
     if args.device == "cuda":
         figure += f", peak {max(r['peak_mem_gib'] for r in res['rows']):.2f} GiB"
@@ -231,7 +233,7 @@ def check_fsdp(args: argparse.Namespace, scratch: Path) -> str:
         f" {str(want).removeprefix('torch.')}"
     )
     if args.precision == "fp16":
-        figure += f", {type(res['trainer'].scaler).__name__} scale {res['scale']:g}"
+        figure += f", {type(res['trainer'].precision.scaler).__name__} scale {res['scale']:g}"
     if args.same_gpu:
         figure += "; 2 ranks on 1 GPU"
     return figure
@@ -272,12 +274,36 @@ def check_peak_mfu(args: argparse.Namespace, scratch: Path) -> str:
     return f"GPT-2 small bf16 batch 8x1024: peak {peak:.2f} GiB, {tokens:,.0f} tokens/s, {mfu_text}"
 
 
+def check_profiler(args: argparse.Namespace, scratch: Path) -> str:
+    """disttrain.profiler.Profiler: a chrome trace of a window of steps that parses; on CUDA also the
+    memory snapshots (a window's, one on demand at a step), which https://pytorch.org/memory_viz reads."""
+    from disttrain.profiler import Profiler
+
+    cuda = args.device == "cuda"
+    profiler = Profiler(wait=1, warmup=1, active=2, memory=cuda, memory_at_steps=[3] if cuda else [])
+    gpt_run(args, scratch / "run", steps=6, callbacks=[profiler])
+    if len(profiler.traces) != 1:
+        raise AssertionError(f"{len(profiler.traces)} traces written, expected 1")
+    events = json.loads(profiler.traces[0].read_text())["traceEvents"]
+    steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#")]
+    kernels = sum(e.get("cat") == "kernel" for e in events)
+    figure = f"trace of {len(steps)} steps, {len(events)} events"
+    if not cuda:
+        return figure + "; memory snapshots need CUDA"
+    snapshots = sorted((scratch / "run" / "profile").glob("*.memory.pickle"))
+    if len(snapshots) < 2:
+        raise AssertionError(f"memory snapshots written: {[p.name for p in snapshots]}, expected 2")
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in snapshots)
+    return f"{figure}, {kernels} CUDA kernels; memory snapshots: {sizes}"
+
+
 CHECK_WORKERS: dict[str, Callable[[argparse.Namespace, Path], str]] = {
     "process_group": check_process_group,
     "train": check_train,
     "fsdp": check_fsdp,
     "compile": check_compile,
     "peak_mfu": check_peak_mfu,
+    "profiler": check_profiler,
 }
 
 
@@ -417,6 +443,7 @@ def plan_checks(cuda: bool, gpus: int, scratch: Path) -> list[Check]:
         Check(f"FSDP bf16 (MixedPrecisionPolicy), {two}", "fsdp", ("--precision", "bf16"), nproc=2),
         Check(f"FSDP fp16 (+ ShardedGradScaler), {two}", "fsdp", ("--precision", "fp16"), nproc=2),
         Check("torch.compile (trainer.compile=true)", "compile", timeout_s=240),
+        Check("profiler trace + CUDA memory snapshots", "profiler", timeout_s=120),
         Check("SyncBatchNorm option", answer=syncbn_option),
         Check("peak memory + Trainer MFU (GPT-2 small)", "peak_mfu", cuda_only=True, timeout_s=180),
         Check(

@@ -3,6 +3,7 @@ and the checkout clean after the suite (tests/checkout.py)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -73,6 +74,14 @@ SHARED_BY: dict[str, str | None] = {
     "stream_lives": None,
     "venv": None,
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """matplotlib's first import on a machine lists its fonts with fontconfig's `fc-list` (a process)
+    and caches them: done once here, so that the fast tier's plot tests find the cache on a fresh
+    machine instead of tripping the fast tier's rule against starting processes."""
+    with contextlib.suppress(ImportError):
+        import matplotlib.font_manager  # noqa: F401
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -23,6 +23,7 @@ EXPECTED = {
     "FSDP bf16 (MixedPrecisionPolicy), 2 processes": "ok",
     "FSDP fp16 (+ ShardedGradScaler), 2 processes": "ok",
     "torch.compile": "ok",
+    "profiler trace + CUDA memory snapshots": "ok",
     # disttrain's StrategyConfig has no such option: said, not invented.
     "SyncBatchNorm option": "not available",
     "peak memory + Trainer MFU": "needs CUDA",

@@ -96,7 +96,7 @@ def test_fp16_clips_in_real_units_after_unscale(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Linear(20, 1)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), data, cfg)
-    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1
+    assert trainer.precision.scaler is not None and trainer.precision.scaler.get_scale() > 1
     seen = _capture(trainer)
     trainer.fit()
     rows = [r for r in read_metrics(tmp_path) if "grad_norm" in r]

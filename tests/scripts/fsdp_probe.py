@@ -16,6 +16,7 @@ from disttrain import TrainConfig, Trainer, distributed
 from disttrain.config import StrategyConfig, TrainerConfig
 from disttrain.data import TokenCorpus
 from disttrain.models import CharGPT
+from disttrain.step import DefaultStep
 
 out = Path(sys.argv[1])
 calls: Counter = Counter()
@@ -45,7 +46,16 @@ def job(accumulate: int, run_dir: Path, poison: bool = False) -> dict:
             norms.append(run.metrics["grad_norm"])
 
     norms: list[float] = []
-    trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, cfg, callbacks=[Norms()])
+    step = None
+    if poison:  # rank 1's loss, and so its gradients, become inf on every step: both ranks must skip
+        plain = DefaultStep(model, "cross_entropy", None, data.loss_items)
+
+        def step(model, batch):
+            out = plain(model, batch)
+            return out._replace(loss=out.loss * float("inf")) if dist.get_rank() == 1 else out
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = Trainer(model, optimizer, data, cfg, step=step, callbacks=[Norms()])
     groups = 1 + len(trainer.strategy._blocks)
     per_step: list[dict] = []
 
@@ -54,14 +64,6 @@ def job(accumulate: int, run_dir: Path, poison: bool = False) -> dict:
         calls.clear()
 
     trainer.optimizer.register_step_pre_hook(at_step)
-    if poison:  # rank 1's loss, and so its gradients, become inf on every step: both ranks must skip
-        step = trainer.step
-
-        def poisoned(model, batch):
-            out = step(model, batch)
-            return out._replace(loss=out.loss * float("inf")) if dist.get_rank() == 1 else out
-
-        trainer.step = poisoned
     result = trainer.fit()
     calls.clear()
     del trainer
