@@ -20,6 +20,7 @@ _EXPORTS = {
     "distributed": "disttrain.dist",
     "setup_distributed": "disttrain.dist",
     "Trainer": "disttrain.trainer",
+    "build_model": "disttrain.strategy",
     "seed_everything": "disttrain.run_state",
     "StepOutput": "disttrain.step",
     "run": "disttrain.cli",

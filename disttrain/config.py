@@ -139,6 +139,10 @@ class StrategyConfig:
     #: the same numbers). full: every block; selective: every other block (the first, third, ...), half
     #: the memory saved for half the recompute. The blocks are strategy.fsdp_blocks' (under any strategy).
     activation_checkpointing: str = _choice("none", CHECKPOINTING)
+    #: FSDP: build the model on the meta device (no memory, no weights) on every process but rank 0, which
+    #: builds it as the model's __init__ says; once sharded, every rank's shards (and buffers) get rank
+    #: 0's weights. false: every process builds it in full (a model that cannot be built on meta).
+    meta_init: bool = True
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""Sharded datasets: records in JSONL or Parquet shard files, local or behind an fsspec URL, served by
-global id so that the sampler's one global order carries them (docs/data.md#sharded-streams).
+"""Sharded datasets: records in JSONL, Parquet or webdataset tar shard files, local or behind an fsspec
+URL, served by global id so that the sampler's one global order carries them (docs/data.md#sharded-streams).
 
 Each record has a global id: the shards in the order they are named (each glob's matches sorted), the
 records of each in file order. An index gives every shard its record count (Parquet: its footer; JSONL:
-one pass that records each line's byte offset, kept in a small cache file keyed by the shard's URL, size
-and modification time), so a sample is read by seeking to it, never by reading the shards before it.
+one pass that records each line's byte offset; tar: one pass over the member headers that records each
+sample's members' offsets and sizes; both kept in small cache files keyed by the shard's URL, size and
+modification time), so a sample is read by seeking to it, never by reading the shards before it.
 The epoch's order (`epoch_order`) is a permutation of the global ids drawn from (seed, epoch) alone:
 the shards shuffled, then the records of each run of `shuffle_window` consecutive shards of that order
 shuffled among themselves. It depends on neither the number of processes nor the loader workers, and the
@@ -16,8 +17,11 @@ from __future__ import annotations
 import collections
 import glob
 import hashlib
+import io
 import json
 import os
+import re
+import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,11 @@ from disttrain.config import ConfigError
 Sample = tuple[torch.Tensor, torch.Tensor]
 
 #: The formats a shard may have, by its name's ending (`format=auto`).
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".tar": "tar"}
+
+#: A tar member's name as webdataset splits it: the sample's key (the directory and the base name up to
+#: its first dot) and the member's extension (the rest), e.g. `train/000001.tokens.npy`.
+_KEY_AND_EXT = re.compile(r"^((?:.*/)?[^./]+)\.([^/]*)$")
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
@@ -74,19 +82,24 @@ def _joined(protocol: str, pattern: str, match: str) -> str:
 
 
 class Shards(Dataset):
-    """Records in shard files (JSONL lines or Parquet rows), each a sample, read by global id.
+    """Records in shard files (JSONL lines, Parquet rows or webdataset tar samples), each a sample, read
+    by global id.
 
     A record's `field` holds its token ids; the sample is its first `context + 1` of them: the input and
-    the target shifted by one (`sequence=True`, a GPT's samples) or the next token alone. `decode`, for
-    the Python API, turns a record (a dict: a JSONL line, a Parquet row) into any sample instead (then
-    `context`, `vocab_size` and `field` are not used). `format` is `jsonl`, `parquet` or
-    `auto` (by each shard's name). `shuffle_window` shards are shuffled together (see the module); at
-    most `open_shards` shards are kept open (and a Parquet shard's column decoded) per process.
+    the target shifted by one (`sequence=True`, a GPT's samples) or the next token alone. A tar sample
+    (the members that share a key) holds them in a `<key>.<field>.npy` member or in its `<key>.json`
+    member's `field`, as a JSONL line does (`decode_member`). `decode`, for the Python API, turns a record
+    (a dict: a JSONL line, a Parquet row, a tar sample's decoded members) into any sample instead (then
+    `context`, `vocab_size` and `field` are not used). `format` is `jsonl`, `parquet`, `tar` or `auto`
+    (by each shard's name). `shuffle_window` shards are shuffled together (see the module); at most
+    `open_shards` shards are kept open (and a Parquet shard's column decoded) per process.
 
     Refused in one line naming the shard (ConfigError): before training, a missing or unreadable shard,
     a glob that matches nothing, a JSONL shard whose last line is cut short, a Parquet file whose footer
-    does not read or that lacks `field`; when its batch is read, a record that is not JSON, lacks `field`,
-    holds fewer than `context + 1` tokens or a token id at or past `vocab_size`."""
+    does not read or that lacks `field`, a tar that does not read or is cut short, a tar sample that
+    lacks a member the shard's first sample has (or, for tokens, the first has no tokens member); when
+    its batch is read, a record that is not JSON, lacks `field`, holds fewer than `context + 1` tokens or
+    a token id at or past `vocab_size`."""
 
     loss = "cross_entropy"
     loss_items = "samples"
@@ -104,8 +117,8 @@ class Shards(Dataset):
         index_dir: str | None = None,
         decode: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
-        if format not in ("auto", "jsonl", "parquet"):
-            raise ConfigError(f"data.format={format!r}: must be auto, jsonl or parquet")
+        if format not in ("auto", "jsonl", "parquet", "tar"):
+            raise ConfigError(f"data.format={format!r}: must be auto, jsonl, parquet or tar")
         if decode is None and vocab_size < 1:
             raise ConfigError(f"data.vocab_size={vocab_size!r}: token samples need the vocabulary's size")
         if shuffle_window < 1:
@@ -116,17 +129,24 @@ class Shards(Dataset):
         self.formats = [format if format != "auto" else _format_of(u) for u in self.urls]
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "disttrain" / "shards"
         self.index_dir = Path(index_dir) if index_dir else cache
-        #: Per shard: JSONL line offsets (n + 1, memory-mapped from the index file) or Parquet row count.
+        #: Per shard, memory-mapped from its index file: JSONL line offsets (n + 1); a tar's members
+        #: (n × members × (offset, size)), their extensions in `_members`; None for Parquet.
         self._offsets: list[np.ndarray | None] = []
+        self._members: list[list[str]] = []
         counts = []
         for url, fmt in zip(self.urls, self.formats, strict=True):
+            members: list[str] = []
             if fmt == "jsonl":
                 offsets = self._jsonl_index(url)
-                self._offsets.append(offsets)
                 counts.append(len(offsets) - 1)
+            elif fmt == "tar":
+                offsets, members = self._tar_index(url)
+                counts.append(len(offsets))
             else:
-                self._offsets.append(None)
+                offsets = None
                 counts.append(self._parquet_rows(url))
+            self._offsets.append(offsets)
+            self._members.append(members)
         #: Global id i is record i - starts[s] of shard s, s the last shard whose start <= i.
         self.starts = np.cumsum([0, *counts])
         self._open: collections.OrderedDict[int, Any] = collections.OrderedDict()
@@ -134,14 +154,28 @@ class Shards(Dataset):
 
     # -- the index ---------------------------------------------------------------------------------
 
-    def _jsonl_index(self, url: str) -> np.ndarray:
+    def _index_file(self, url: str, kind: str) -> tuple[Path, int]:
+        """The cache file of shard `url`'s index (keyed by its URL, size and modification time: a
+        changed shard is indexed again), and the shard's size."""
         fs, inner = _filesystem(url)
         try:
             info = fs.info(inner)
         except OSError as e:
             raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
         stamp = f"{url}\0{info.get('size')}\0{info.get('mtime', info.get('created', info.get('ETag')))}"
-        cached = self.index_dir / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}.npy"
+        name = hashlib.sha256(stamp.encode()).hexdigest()[:32]
+        return self.index_dir / f"{name}{kind}.npy", int(info.get("size") or 0)
+
+    def _save_index(self, cached: Path, index: np.ndarray) -> None:
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        with open(partial, "wb") as out:
+            np.save(out, index)
+        os.replace(partial, cached)  # another rank may write the same index at once: whole or absent
+
+    def _jsonl_index(self, url: str) -> np.ndarray:
+        fs, inner = _filesystem(url)
+        cached, _ = self._index_file(url, "")
         if cached.is_file():
             return np.load(cached, mmap_mode="r")
         offsets, last = [0], b""
@@ -165,12 +199,95 @@ class Shards(Dataset):
                     f"data.path: shard {url} ends in a cut-off line {len(offsets) - 1} (a truncated file?)"
                 ) from None
         index = np.asarray(offsets, dtype=np.int64)
-        self.index_dir.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(f".{os.getpid()}.tmp")
-        with open(partial, "wb") as out:
-            np.save(out, index)
-        os.replace(partial, cached)  # another rank may write the same index at once: whole or absent
+        self._save_index(cached, index)
         return index
+
+    def _tar_index(self, url: str) -> tuple[np.ndarray, list[str]]:
+        """A tar shard's samples: per sample, the (offset, size) of each member, the members in the order
+        of their sorted extensions (returned too, and kept in a sidecar file next to the index); for
+        token samples, the members must hold the tokens."""
+        cached, size = self._index_file(url, ".tar")
+        sidecar = cached.with_suffix(".json")
+        if cached.is_file() and sidecar.is_file():
+            index, members = np.load(cached, mmap_mode="r"), json.loads(sidecar.read_text())
+        else:
+            index, members = self._scan_tar(url, cached, size, sidecar)
+        if self.decode is None and members and not {f"{self.field}.npy", "json"} & set(members):
+            raise ConfigError(
+                f"data.field={self.field!r}: shard {url} has no KEY.{self.field}.npy nor KEY.json member "
+                f"to take a sample's tokens from (its samples have {', '.join(members)})"
+            )
+        return index, members
+
+    def _scan_tar(self, url: str, cached: Path, size: int, sidecar: Path) -> tuple[np.ndarray, list[str]]:
+        """One pass over tar shard `url`'s member headers: the index `_tar_index` returns, written to
+        `cached` and `sidecar`. Every sample must have the members of the shard's first sample: one
+        without is refused, never skipped."""
+        fs, inner = _filesystem(url)
+        rows: list[int] = []  # flat: offset, size of each member of each sample
+        members: list[str] | None = None
+        key: str | None = None
+        sample: dict[str, tuple[int, int]] = {}  # the sample being gathered: extension -> (offset, size)
+
+        def close_sample() -> None:
+            nonlocal members
+            if key is None:
+                return
+            if members is None:
+                members = sorted(sample)
+            if sorted(sample) != members:
+                lacks = sorted(set(members) - set(sample)) or sorted(set(sample) - set(members))
+                what = "lacks" if set(members) - set(sample) else "has an extra"
+                raise ConfigError(
+                    f"data.path: shard {url} sample {key!r} {what} member {key}.{lacks[0]} (every sample "
+                    f"needs the members of the shard's first: {', '.join(members)})"
+                )
+            for ext in members:
+                rows.extend(sample[ext])
+
+        end = 0
+        try:
+            with fs.open(inner, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                while (member := tar.next()) is not None:
+                    # TarFile keeps every member it has read (a list typeshed does not declare): emptied,
+                    # only the index is kept and memory does not grow with the shard.
+                    tar.members.clear()  # type: ignore[attr-defined]
+                    if member.isdir():
+                        continue
+                    parts = _KEY_AND_EXT.match(member.name)
+                    if not member.isfile() or parts is None:
+                        raise ConfigError(
+                            f"data.path: shard {url} member {member.name!r} is not a file named "
+                            "KEY.EXTENSION (a webdataset sample's member)"
+                        )
+                    if parts[1] != key:
+                        close_sample()
+                        key, sample = parts[1], {}
+                    if parts[2] in sample:
+                        raise ConfigError(f"data.path: shard {url} holds {member.name!r} twice in one sample")
+                    sample[parts[2]] = (member.offset_data, member.size)
+                    end = member.offset_data + member.size
+                if end > size or size - (-(-end // 512) * 512) < 1024:
+                    # A tar ends in two zero blocks: without them the copy was cut at a member's end
+                    # (the last sample's missing members are then no sample's fault).
+                    raise ConfigError(f"data.path: shard {url} is cut short (a truncated file?)")
+                close_sample()
+        except OSError as e:
+            raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
+        except tarfile.TarError as e:
+            cut = "unexpected end" in str(e) or "truncated" in str(e)
+            why = "is cut short (a truncated file?)" if cut else f"is not a readable tar file: {e}"
+            raise ConfigError(f"data.path: shard {url} {why}") from None
+        members = members or []
+        index = (
+            np.asarray(rows, dtype=np.int64).reshape(-1, len(members), 2) if members else np.zeros((0, 0, 2))
+        )
+        self.index_dir.mkdir(parents=True, exist_ok=True)
+        partial = sidecar.with_suffix(f".json.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(members))
+        os.replace(partial, sidecar)  # before the index: an index file means both are whole
+        self._save_index(cached, index.astype(np.int64))
+        return index, members
 
     def _parquet_rows(self, url: str) -> int:
         import pyarrow.parquet as pq
@@ -232,7 +349,7 @@ class Shards(Dataset):
         url = self.urls[s]
         fs, inner = _filesystem(url)
         try:
-            if self.formats[s] == "jsonl":
+            if self.formats[s] in ("jsonl", "tar"):
                 handle: Any = fs.open(inner, "rb")
             else:
                 import pyarrow.parquet as pq
@@ -276,7 +393,8 @@ class Shards(Dataset):
         return matrix, lengths
 
     def record(self, i: int) -> Any:
-        """Record `i` (a global id): a dict for JSONL; for Parquet the row (with `decode`) or its field."""
+        """Record `i` (a global id): a dict for JSONL and tar (`decode_member`); for Parquet the row (with
+        `decode`) or its field."""
         if not 0 <= i < len(self):
             raise IndexError(f"Shards: index {i} out of range 0..{len(self) - 1}")
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
@@ -286,20 +404,40 @@ class Shards(Dataset):
                 return handle[k]
             matrix, lengths = handle
             return matrix[k, : lengths[k]].tolist()
+        if self.formats[s] == "tar":
+            return {ext: self._tar_member(s, k, ext) for ext in self._members[s]}
         offsets = self._offsets[s]
         assert offsets is not None
-        start, end = int(offsets[k]), int(offsets[k + 1])
-        try:
-            handle.seek(start)
-            line = handle.read(end - start)
-        except OSError as e:
-            raise ConfigError(f"data.path: shard {self.urls[s]} cannot be read: {e.strerror or e}") from None
-        if len(line) < end - start:
-            raise ConfigError(f"data.path: shard {self.urls[s]} is shorter than when it was indexed")
+        line = self._read(s, int(offsets[k]), int(offsets[k + 1]) - int(offsets[k]))
         try:
             return json.loads(line)
         except ValueError:
             raise ConfigError(f"data.path: shard {self.urls[s]} line {k + 1} is not JSON") from None
+
+    def _read(self, s: int, start: int, size: int) -> bytes:
+        """`size` bytes of shard s (JSONL or tar) from `start`."""
+        handle = self._shard(s)
+        try:
+            handle.seek(start)
+            data = handle.read(size)
+        except OSError as e:
+            raise ConfigError(f"data.path: shard {self.urls[s]} cannot be read: {e.strerror or e}") from None
+        if len(data) < size:
+            raise ConfigError(f"data.path: shard {self.urls[s]} is shorter than when it was indexed")
+        return data
+
+    def _tar_member(self, s: int, k: int, ext: str) -> Any:
+        """Sample k of tar shard s: its member of extension `ext`, decoded as `decode_member` says."""
+        offsets = self._offsets[s]
+        assert offsets is not None
+        column = self._members[s].index(ext)
+        data = self._read(s, int(offsets[k, column, 0]), int(offsets[k, column, 1]))
+        try:
+            return decode_member(ext, data)
+        except ValueError as e:
+            raise ConfigError(
+                f"data.path: shard {self.urls[s]} record {k + 1}: its .{ext} member does not decode ({e})"
+            ) from None
 
     def __getitem__(self, i: int) -> Any:
         return self.__getitems__([i])[0]
@@ -322,8 +460,10 @@ class Shards(Dataset):
                     k = int(local[short][0])
                     self._refuse_short(s, k, int(lengths[k]))
                 rows[mine] = matrix[local]
+            elif self.formats[s] == "tar":
+                rows[mine] = [self._tar_tokens(s, int(k)) for k in local]
             else:
-                rows[mine] = [self._jsonl_tokens(s, int(k)) for k in local]
+                rows[mine] = self._jsonl_rows(s, local)
             if (bad := int(rows[mine].max())) >= self.vocab_size or int(rows[mine].min()) < 0:
                 bad = bad if bad >= self.vocab_size else int(rows[mine].min())
                 k = int(local[(rows[mine] == bad).any(axis=1)][0])
@@ -335,9 +475,38 @@ class Shards(Dataset):
         inputs, targets = tokens[:, :-1], tokens[:, 1:] if self.sequence else tokens[:, -1]
         return list(zip(inputs, targets, strict=True))
 
-    def _jsonl_tokens(self, s: int, k: int) -> list[int]:
-        """Record k of JSONL shard s: its first context + 1 token ids."""
-        record = self.record(int(self.starts[s]) + k)
+    def _tar_tokens(self, s: int, k: int) -> Any:
+        """Sample k of tar shard s: the first context + 1 token ids of its `<field>.npy` member, or else of
+        its `.json` member's `field` (as a JSONL line's)."""
+        if f"{self.field}.npy" not in self._members[s]:
+            return self._record_tokens(s, k, self._tar_member(s, k, "json"))
+        tokens = self._tar_member(s, k, f"{self.field}.npy")
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ConfigError(
+                f"data.path: shard {self.urls[s]} record {k + 1} holds a {tokens.dtype} array of shape "
+                f"{tokens.shape} in .{self.field}.npy, not a list of token ids"
+            )
+        if len(tokens) < self.context + 1:
+            self._refuse_short(s, k, len(tokens))
+        return tokens[: self.context + 1]
+
+    def _jsonl_rows(self, s: int, local: np.ndarray) -> list[list[int]]:
+        """Records `local` of JSONL shard s: the first context + 1 token ids of each. Their lines are
+        parsed as one JSON array (one call, not one a line); a batch that does not parse so is parsed
+        line by line, which names the bad line."""
+        offsets = self._offsets[s]
+        assert offsets is not None
+        lines = [self._read(s, int(offsets[k]), int(offsets[k + 1]) - int(offsets[k])) for k in local]
+        try:
+            records = json.loads(b"[" + b",".join(lines) + b"]")
+        except ValueError:
+            records = None
+        if records is None or len(records) != len(lines):  # (a line `1, 2` would be two records)
+            records = [self.record(int(self.starts[s]) + int(k)) for k in local]
+        return [self._record_tokens(s, int(k), r) for k, r in zip(local, records, strict=True)]
+
+    def _record_tokens(self, s: int, k: int, record: Any) -> list[int]:
+        """A JSON record's first context + 1 token ids, from its `field`."""
         tokens = record.get(self.field) if isinstance(record, dict) else None
         if not isinstance(tokens, list):
             raise ConfigError(
@@ -355,10 +524,53 @@ class Shards(Dataset):
         )
 
 
+#: Tar members decoded to an int (webdataset's class labels and indices), by their extension's last part.
+_INT_MEMBERS = {"cls", "cls2", "index", "inx", "id"}
+
+
+def decode_member(ext: str, data: bytes) -> Any:
+    """A tar member's bytes as the sample's dict holds them, by the last part of its extension
+    (`tokens.npy`: `npy`): `json` parsed, `txt`/`text` a str, `cls`/`cls2`/`index`/`inx`/`id` an int,
+    `npy` a numpy array (no pickles), any other (images, audio, ...) the bytes, for `decode` to read.
+    A ValueError when the bytes are not what the extension says."""
+    last = ext.rsplit(".", 1)[-1].lower()
+    if last == "json":
+        return json.loads(data)
+    if last in ("txt", "text"):
+        return data.decode()
+    if last in _INT_MEMBERS:
+        return int(data.decode().strip())
+    if last == "npy":
+        return _npy(data)
+    return data
+
+
+#: .npy headers seen (their bytes: dtype, shape, order) -> how to view the data after them.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool, int]] = {}
+
+
+def _npy(data: bytes) -> np.ndarray:
+    """A .npy file's array. np.load parses each header with `ast.literal_eval`, which costs more than
+    the read itself for a sample's few hundred tokens: a header already seen is looked up instead."""
+    size = 2 if data[6:7] == b"\x01" else 4  # the header's length field: 2 bytes in version 1, else 4
+    end = 8 + size + int.from_bytes(data[8 : 8 + size], "little")
+    header = data[:end]
+    if header not in _NPY_HEADERS:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if len(_NPY_HEADERS) >= 4096:  # as many lengths as that: keep the cache bounded
+            _NPY_HEADERS.clear()
+        fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+        _NPY_HEADERS[header] = (array.dtype, array.shape, fortran, end)
+        return array
+    dtype, shape, fortran, offset = _NPY_HEADERS[header]
+    flat = np.frombuffer(data, dtype, offset=offset)
+    return flat.reshape(shape, order="F") if fortran else flat.reshape(shape)
+
+
 def _format_of(url: str) -> str:
     suffix = Path(url.split("?", 1)[0]).suffix.lower()
     if suffix not in FORMATS:
         raise ConfigError(
-            f"data.path: shard {url} is neither .jsonl nor .parquet; name the format with data.format"
+            f"data.path: shard {url} is not .jsonl, .parquet nor .tar; name the format with data.format"
         )
     return FORMATS[suffix]

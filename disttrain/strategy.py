@@ -19,7 +19,7 @@ import functools
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, TypeGuard
 
 import torch
@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
-from disttrain.config import ConfigError, StrategyConfig
+from disttrain.config import ConfigError, StrategyConfig, TrainConfig, resolve_strategy
 from disttrain.data import EpochSampler
-from disttrain.dist import DistEnv
+from disttrain.dist import DistEnv, placement
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -145,6 +145,7 @@ class FSDPStrategy(Strategy):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         checkpoint_blocks(model, self.cfg)  # (inside each block's forward: FSDP's gathers stay outside)
+        full_state = rank0_full_state(model, self.env)
         replicas = self.cfg.replicate
         if replicas > 1:  # HSDP: fully_shard shards over the inner dimension and replicates over the outer
             shape = (replicas, self.env.world_size // replicas)
@@ -162,6 +163,8 @@ class FSDPStrategy(Strategy):
         # The root, which FSDP keeps gathered. fully_shard changes the module's class in place and returns
         # it: `model` is now both the nn.Module and the FSDPModule.
         fully_shard(model, mesh=mesh, mp_policy=policy)
+        if self.env.world_size > 1:
+            fill_from_rank0(model, full_state, self.env)
         persistent = set(model.state_dict())
         self._buffers = [b for name, b in model.named_buffers() if name in persistent]
         if self._buffers:
@@ -206,6 +209,91 @@ class FSDPStrategy(Strategy):
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         return ShardedGradScaler(self.env.device.type, enabled=self.precision == "fp16")
+
+
+def on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def build_model(factory: Callable[[], nn.Module], cfg: TrainConfig, env: DistEnv | None = None) -> nn.Module:
+    """`factory()` as this process of the job should build it: in full on rank 0 (the model's __init__
+    initialises the weights, as in one process), and under strategy=fsdp (with strategy.meta_init) on
+    the meta device on every other rank, where it takes no memory: the FSDP strategy shards it, then
+    fills every rank's shards with rank 0's weights (`fill_from_rank0`). Seed before calling it, as
+    for one process. ConfigError naming the module when the meta build leaves a tensor that rank 0's
+    weights cannot reach (`check_meta_build`)."""
+    where = env or placement()
+    world_size, rank = where.world_size, where.rank
+    if rank == 0 or not meta_init(cfg, world_size):
+        return factory()
+    with torch.device("meta"):
+        model = factory()
+    check_meta_build(model, f"model {type(model).__name__}")
+    return model
+
+
+def check_built(model: nn.Module, strategy: str, rank: int) -> None:
+    """A model with tensors on the meta device (shapes, no values) trains only where rank 0's weights
+    fill it: strategy=fsdp, on a rank other than 0. ConfigError otherwise, before any process group."""
+    if not on_meta(model):
+        return
+    if strategy != "fsdp":
+        rule = f"only strategy=fsdp fills such a model with rank 0's weights (this job's is {strategy})"
+    elif rank == 0:
+        rule = "rank 0 builds it in full: its weights are the ones every other rank gets"
+    else:
+        return
+    raise ConfigError(
+        f"model: {type(model).__name__} has tensors on the meta device (no values), and {rule}; "
+        "build it with disttrain.build_model"
+    )
+
+
+def meta_init(cfg: TrainConfig, world_size: int) -> bool:
+    """Whether a job builds its model on the meta device on every rank but rank 0 (see build_model)."""
+    return resolve_strategy(cfg, world_size) == "fsdp" and cfg.strategy.meta_init and world_size > 1
+
+
+def check_meta_build(model: nn.Module, key: str) -> None:
+    """A model built on the meta device that rank 0's weights can fill: every tensor it holds is a
+    parameter or a buffer (those are filled). A plain tensor attribute (`self.table = torch.arange(...)`
+    in __init__) would stay on meta, without values: ConfigError naming its module."""
+    for name, module in model.named_modules():
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                where = f"{name or 'the root'} ({type(module).__name__})"
+                raise ConfigError(
+                    f"{key}: cannot be built on the meta device for strategy=fsdp: {where} holds tensor "
+                    f"{attr!r} that is neither a parameter nor a buffer, so rank 0 cannot send it; register "
+                    "it with register_buffer, or set strategy.meta_init=false"
+                )
+
+
+def rank0_full_state(model: nn.Module, env: DistEnv) -> dict[str, Any]:
+    """Rank 0's full state dict (references to its tensors, no copy), before the sharding replaces its
+    parameters: what `fill_from_rank0` sends (rank 0's model is never on meta: `check_built`). Empty
+    elsewhere."""
+    if env.rank != 0 or env.world_size == 1:
+        return {}
+    return model.state_dict()
+
+
+def fill_from_rank0(model: nn.Module, full_state: dict[str, Any], env: DistEnv) -> None:
+    """Every rank's shards and buffers become rank 0's weights (`full_state`, rank 0's full state dict;
+    empty elsewhere). A rank that built the model on meta first allocates its shards (uninitialised).
+    torch's set_model_state_dict(broadcast_from_rank0) sends one tensor at a time, and each rank keeps
+    its own shard of it: no rank but 0 ever holds the whole model. Buffers left out of the state dict
+    (persistent=False: a rotary table computed in __init__) are broadcast too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if on_meta(model):
+        model.to_empty(device=env.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    persistent = set(model.state_dict())
+    for name, buffer in model.named_buffers():
+        if name not in persistent:
+            dist.broadcast(buffer, src=0)
 
 
 def _is_layer_list(module: nn.Module) -> TypeGuard[nn.ModuleList | nn.Sequential]:

@@ -64,7 +64,7 @@ from disttrain.run_state import Counters, StepResult, rng_state, seed_everything
 from disttrain.snapshot import RunFileError, SnapshotError, step_dir_name
 from disttrain.step import DefaultStep, Step, callable_name, collate
 from disttrain.stop_agreement import StopAgreement
-from disttrain.strategy import compiler_missing, make_strategy
+from disttrain.strategy import check_built, compiler_missing, make_strategy
 from disttrain.streams import StreamLoader, is_stream, stream_loader
 from disttrain.training_step import TrainingStep
 from disttrain.validation import Validator
@@ -185,6 +185,7 @@ class Trainer:
         t = cfg.trainer
         check_model(model)
         _check_optimizer(optimizer, model)
+        check_built(model, resolve_strategy(cfg, world_size), placement().rank if env is None else env.rank)
         self.callbacks = Callbacks(with_config_loggers(callbacks, cfg.logger))
         patience = cfg.trainer.early_stop_patience
         if patience and EARLY_STOP not in self.callbacks.named:  # the config's shorthand for the callback

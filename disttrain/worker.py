@@ -38,6 +38,7 @@ from disttrain.config import (
 from disttrain.data import one_sample_micro_batches, training_splits
 from disttrain.dist import distributed, placement
 from disttrain.snapshot import SnapshotError, freeze_config, newest_snapshot
+from disttrain.strategy import build_model
 from disttrain.trainer import Trainer, check_model, check_tail_for_batchnorm, make_optimizer
 
 log = logging.getLogger("disttrain")
@@ -106,14 +107,28 @@ def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
     return dataset
 
 
-def check_blocks(cfg: TrainConfig) -> None:
+def check_blocks(cfg: TrainConfig, world_size: int = 1) -> None:
     """strategy=fsdp or activation checkpointing: the blocks strategy.fsdp_blocks names exist (and some
     block exists, to checkpoint), checked on a model built on the meta device (no memory, no weights:
-    cheap whatever the model's size) before any process starts."""
-    from disttrain.strategy import checkpoint_blocks, find_blocks
+    cheap whatever the model's size) before any process starts. Under strategy=fsdp on several processes
+    (strategy.meta_init) that build is also the one every rank but rank 0 makes: a model that cannot be
+    built so is refused here; otherwise such a model's blocks are found where it is built in full."""
+    from disttrain.strategy import check_meta_build, checkpoint_blocks, find_blocks, meta_init
 
+    key = f"model._target_={cfg.model.get('_target_')!r}"
     with torch.device("meta"):
-        model = build("model", cfg.model)
+        try:
+            model = build("model", cfg.model)
+        except BuildError as e:
+            if not meta_init(cfg, world_size):
+                return  # each worker's strategy finds the blocks of the model it built in full
+            why = str(e).split(": building it raised ", 1)[-1]
+            raise ConfigError(
+                f"{key}: cannot be built on the meta device for strategy=fsdp (every rank but rank 0 builds "
+                f"it there): it raised {why}; set strategy.meta_init=false to build it in full on every rank"
+            ) from None
+    if meta_init(cfg, world_size):
+        check_meta_build(model, key)
     find_blocks(model, cfg.strategy.fsdp_blocks)
     checkpoint_blocks(model, cfg.strategy)
 
@@ -122,7 +137,7 @@ def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) ->
     """Model, data and optimizer from the config's `_target_`s; every rank initialises from one seed."""
     dataset = build("data", cfg.data) if dataset is None else dataset
     torch.manual_seed(cfg.trainer.seed)
-    model = build("model", cfg.model)
+    model = build_model(lambda: build("model", cfg.model), cfg, env)
     check_model(model, f"model._target_={cfg.model.get('_target_')!r}")
     step = instantiate(cfg.step, _partial_=True) if cfg.step else None
     callbacks = {name: build(f"callbacks.{name}", spec) for name, spec in cfg.callbacks.items() if spec}

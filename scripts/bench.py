@@ -17,10 +17,12 @@ Tables:
   extras     what the Trainer does per step beyond the hand-written loop, each timed alone.
   startup    seconds from the command to the first finished step: `disttrain` against a bare script.
   snapshot   the cost of a snapshot against a bare torch.save (scripts/bench_snapshot.py).
-  data       an epoch of the same token records through the Trainer's loader: sharded streams (JSONL and
-             Parquet shards, `data=shards`) against the same rows held in memory (map-style), with 0 and 2
-             loader workers (ratio = stream samples/s / map-style's); and the private memory a token file
-             (`data=token_file`) costs while random batches are read, for a small and a large file.
+  data       an epoch of the same token records, in the same order, through the Trainer's loader: sharded
+             streams (JSONL, Parquet and tar shards, `data=shards`) against the same rows held in memory
+             (map-style), with 0 and 2 loader workers; each epoch from a cold copy of the dataset, the
+             median of --data-repeats interleaved repeats (ratio: the median over repeats of stream /
+             map-style); and the private memory a token file (`data=token_file`) costs while random
+             batches are read, for a small and a large file. `--only data` runs this table alone.
 
 Fairness (decisions):
 - The hand-written loop is the plain one for the precision at hand: zero_grad, forward, loss, backward,
@@ -846,10 +848,11 @@ def snapshot_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 class _Rows:
-    """The map-style side of the data table: the shards' token rows, held in memory."""
+    """The map-style side of the data table: the shards' token rows, held in memory, in the shards' own
+    order (`epoch_order`), so both sides read the same samples in the same sequence."""
 
-    def __init__(self, rows: Any) -> None:
-        self.rows = rows
+    def __init__(self, rows: Any, order_of: Any) -> None:
+        self.rows, self.epoch_order = rows, order_of.epoch_order
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -870,47 +873,88 @@ def _anon_kib() -> int:
     return int(status["RssAnon"].split()[0])
 
 
-def data_rows(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
-    """The data table: samples/s of a sharded stream against map-style over the same records (0 and 2
-    loader workers), and a token file's private memory growth, small file against large."""
+def _write_data_shards(scratch: Path, rows: Any, shards: int) -> None:
+    """The same records as JSONL, Parquet and webdataset tar shards (`KEY.tokens.npy` members)."""
+    import io
+    import tarfile
+
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    per_shard = len(rows) // shards
+    for s in range(shards):
+        part = rows[s * per_shard : (s + 1) * per_shard]
+        with open(scratch / f"part{s}.jsonl", "w") as f:
+            f.writelines(json.dumps({"tokens": r}) + "\n" for r in part.tolist())
+        pq.write_table(pa.table({"tokens": part.tolist()}), scratch / f"part{s}.parquet")
+        with tarfile.open(scratch / f"part{s}.tar", "w") as tar:
+            for k, r in enumerate(part):
+                buffer = io.BytesIO()
+                np.save(buffer, r.astype(np.uint16))
+                member = tarfile.TarInfo(f"{s * per_shard + k:08d}.tokens.npy")
+                member.size = buffer.tell()
+                buffer.seek(0)
+                tar.addfile(member, buffer)
+
+
+def _epoch_rate(data: Any, workers: int) -> float:
+    """Samples/s of one epoch of `data` through the Trainer's loader (batches of 64), from a cold copy:
+    its shards opened anew, as each epoch's loader workers open them (persistent_workers=False)."""
+    import pickle
+
+    from disttrain.data import EpochSampler, make_loader
+
+    data = pickle.loads(pickle.dumps(data))
+    sampler = EpochSampler(data, 1, 0, shuffle=True, seed=0)
+    loader = make_loader(data, sampler, 64, workers, False)
+    tick = time.perf_counter()
+    n = sum(len(batch[0]) for batch in loader)
+    return n / (time.perf_counter() - tick)
+
+
+def paired_ratios(a: list[float], b: list[float]) -> list[float]:
+    """a[r] / b[r] for each repeat r."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def data_rows(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
+    """The data table: samples/s of a sharded stream against map-style over the same records in the same
+    order (0 and 2 loader workers): the median of interleaved repeats (each repeat times every dataset
+    once, in a rotated order), ratio = the median over repeats of the stream's / map-style's; and a
+    token file's private memory growth, small file against large."""
+    import numpy as np
     import torch
 
-    from disttrain.data import EpochSampler, TokenFile, make_loader
+    from disttrain.data import TokenFile
     from disttrain.shards import Shards
 
     shards, per_shard, context = (3, 400, 32) if args.quick else (8, 4000, 128)
-    rng = np.random.default_rng(0)
-    rows = rng.integers(0, 50_000, (shards * per_shard, context + 1))
-    for s in range(shards):
-        part = rows[s * per_shard : (s + 1) * per_shard].tolist()
-        with open(scratch / f"part{s}.jsonl", "w") as f:
-            f.writelines(json.dumps({"tokens": r}) + "\n" for r in part)
-        pq.write_table(pa.table({"tokens": part}), scratch / f"part{s}.parquet")
+    rows = np.random.default_rng(0).integers(0, 50_000, (shards * per_shard, context + 1))
+    _write_data_shards(scratch, rows, shards)
     index = str(scratch / "index")
-    datasets = {
-        "map-style (rows in memory)": _Rows(rows),
-        "shards, JSONL": Shards(f"{scratch}/*.jsonl", context, 50_000, index_dir=index),
-        "shards, Parquet": Shards(f"{scratch}/*.parquet", context, 50_000, index_dir=index),
+    streams = {
+        f"shards, {fmt}": Shards(f"{scratch}/*.{ext}", context, 50_000, index_dir=index)
+        for fmt, ext in (("JSONL", "jsonl"), ("Parquet", "parquet"), ("tar", "tar"))
     }
+    map_style = "map-style (rows in memory)"
+    datasets = {map_style: _Rows(rows, streams["shards, Parquet"]), **streams}
+    repeats = 1 if args.quick else args.data_repeats
     out: list[dict[str, Any]] = []
     for workers in (0, 2):
-        rates = {}
-        for label, data in datasets.items():
-            best = 0.0
-            for _ in range(1 if args.quick else 3):
-                sampler = EpochSampler(data, 1, 0, shuffle=True, seed=0)  # type: ignore[arg-type]
-                loader = make_loader(data, sampler, 64, workers, False)  # type: ignore[arg-type]
-                tick = time.perf_counter()
-                n = sum(len(batch[0]) for batch in loader)
-                best = max(best, n / (time.perf_counter() - tick))
-            rates[label] = best
-        base = rates["map-style (rows in memory)"]
-        for label, rate in rates.items():
-            row = {"table": "data", "label": f"{label}, {workers} workers", "samples_per_s": rate}
-            out.append(row | ({"ratio": rate / base} if label != "map-style (rows in memory)" else {}))
+        rates: dict[str, list[float]] = {label: [] for label in datasets}
+        labels = list(datasets)
+        for r in range(repeats):
+            for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
+                rates[label].append(_epoch_rate(datasets[label], workers))
+        for label, measured in rates.items():
+            row = {
+                "table": "data", "label": f"{label}, {workers} workers",
+                "samples_per_s": statistics.median(measured), "spread": spread(measured), "repeats": repeats,
+            }  # fmt: skip
+            if label != map_style:  # paired within a repeat: a load that comes and goes hits both alike
+                row["ratio"] = statistics.median(paired_ratios(measured, rates[map_style]))
+            out.append(row)
     g = torch.Generator().manual_seed(0)
     for name, size in (
         ("1 MiB", 2**20),
@@ -993,8 +1037,14 @@ def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> No
             ),
         ),
         "data": (
-            "data loading: samples/s of an epoch (ratio = stream / map-style), token file memory growth",
-            lambda r: f"{r['samples_per_s']:>10,.0f}/s" if "samples_per_s" in r else f"{r['kib']:>8,} KiB",
+            "data loading: samples/s of an epoch, the same records in the same order (median of"
+            " interleaved repeats; ratio = median over repeats of stream / map-style), token file memory"
+            " growth",
+            lambda r: (
+                f"{r['samples_per_s']:>10,.0f}/s  spread {r['spread']:>5.1%}"
+                if "samples_per_s" in r
+                else f"{r['kib']:>8,} KiB"
+            ),
         ),
         "snapshot": (
             "snapshot cost (scripts/bench_snapshot.py)",
@@ -1044,6 +1094,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="tiny settings: every row in seconds, figures meaningless"
     )
+    p.add_argument("--only", choices=("data",), default=None, help="run this table alone")
+    p.add_argument("--data-repeats", type=int, default=7, help="interleaved repeats of the data table")
     p.add_argument("--json", type=Path, default=None, help="write every row and the settings here")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -1079,6 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         nproc = args.nproc or 2
     started, load_before = time.perf_counter(), os.getloadavg()[0]
+    if args.only == "data":
+        return data_only(args, argv, load_before)
     with tempfile.TemporaryDirectory(prefix="disttrain-bench-") as tmp:
         scratch = Path(tmp)
         plan = make_plan(args, nproc, scratch)
@@ -1132,6 +1186,23 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows, "notes": notes}, indent=1, default=str))
         print(f"wrote {args.json}")
+    return 0
+
+
+def data_only(args: argparse.Namespace, argv: list[str], load_before: float) -> int:
+    """`--only data`: the data table alone, with the load average around it."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="disttrain-bench-") as tmp:
+        rows = data_rows(args, Path(tmp))
+    notes = [
+        f"load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end, on "
+        f"{os.cpu_count()} cores; median of {1 if args.quick else args.data_repeats} interleaved repeats"
+    ]
+    print_tables(rows, notes, False)
+    print(f"\nbench took {time.perf_counter() - started:.0f} s: python scripts/bench.py {' '.join(argv)}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "notes": notes}, indent=1, default=str))
     return 0
 
 

@@ -1,8 +1,10 @@
-"""FSDP against DDP through the disttrain Trainer: memory per rank, step time, snapshot cost, compile.
+"""FSDP against DDP through the disttrain Trainer: memory per rank, step time, snapshot cost, compile,
+and on 4 processes the state per rank, the model's build, and activation checkpointing.
 
-    python scripts/bench_fsdp.py                  # CPU: 2 processes (torchrun, gloo), ~2 min on 2 cores
+    python scripts/bench_fsdp.py                  # CPU: 2 processes (gloo), then 4; ~5 min on 2 cores
     python scripts/bench_fsdp.py --quick          # every row in seconds, figures meaningless (the test)
     python scripts/bench_fsdp.py --device cuda --json fsdp.json   # 2+ GPUs (nccl); on 1 GPU: compile only
+    python scripts/bench_fsdp.py --only scale,checkpointing       # some tables only
 
 Tables:
   memory    per-rank bytes of parameters, gradients and AdamW state under DDP and FSDP on 2 processes,
@@ -24,6 +26,14 @@ Tables:
   compile   trainer.compile=true against false, one process, step time after warm-up (the first
             compiled step, which compiles, is shown apart: cold ~30 s on CPU, seconds from the inductor
             cache, TORCHINDUCTOR_CACHE_DIR or ~/.cache/disttrain/inductor).
+  scale     on --scale-nproc processes (default 4): per-rank bytes of parameters, gradients and AdamW
+            state under DDP and FSDP (as memory), and the peak memory each rank adds while
+            disttrain.build_model builds a bigger GPT and a Trainer shards it (strategy=fsdp), on meta on
+            every rank but rank 0 against in full on every rank (strategy.meta_init=false); the figure
+            is the largest rank but rank 0 (PeakMemory: CUDA's allocator, or on CPU the peak RSS).
+  checkpointing  strategy.activation_checkpointing none, selective, full in one process: the memory
+            a step's forward and backward add to what it starts with (PeakMemory), and step time,
+            interleaved repeats; ratios against none.
 
 Method as in scripts/bench.py (this script does not import it): one intra-op thread per process
 (`--threads`), the Trainer's loader in every case, fresh temporary run dirs, no validation, no snapshot
@@ -61,6 +71,25 @@ SIZES: dict[str, dict[str, Any]] = {
     "quick": {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, "batch": 4},
 }
 STRATEGIES = ("ddp", "fsdp")
+CHECKPOINTING = ("none", "selective", "full")
+#: The tables, and the worker phase that measures each (memory, step and snapshot share one job).
+TABLES = ("memory", "step", "snapshot", "compile", "scale", "checkpointing")
+#: How the scale table builds the model: in full on every rank, or on meta on every rank but rank 0.
+BUILDS = ("full", "meta")
+#: The GPT whose build the scale table measures: big enough that its bytes, not the interpreter's,
+#: make the figure (CPU: 25M parameters, 0.1 GB in fp32; CUDA: GPT-2 medium's shape).
+BUILD_SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {"vocab_size": 256, "block_size": 64, "n_layer": 8, "n_head": 8, "n_embd": 512, "batch": 1},
+    "cuda": {
+        "vocab_size": 50304,
+        "block_size": 1024,
+        "n_layer": 24,
+        "n_head": 16,
+        "n_embd": 1024,
+        "batch": 1,
+    },
+    "quick": {"vocab_size": 64, "block_size": 16, "n_layer": 4, "n_head": 4, "n_embd": 256, "batch": 1},
+}
 MB = 1e6
 
 
@@ -130,10 +159,11 @@ def make_config(plan: dict[str, Any], strategy: str, run_dir: Path, max_steps: i
     from disttrain.config import OptimConfig, SnapshotConfig, StrategyConfig, TrainConfig, TrainerConfig
 
     every = trainer.pop("snapshot_every", 0)
+    strategy_options = trainer.pop("strategy_options", {})
     return TrainConfig(
         name="bench-fsdp",
         run_dir=str(run_dir),
-        strategy=StrategyConfig(name=strategy),
+        strategy=StrategyConfig(name=strategy, **strategy_options),
         trainer=TrainerConfig(
             max_epochs=1,
             max_steps=max_steps,
@@ -151,8 +181,16 @@ def make_config(plan: dict[str, Any], strategy: str, run_dir: Path, max_steps: i
     )
 
 
-def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, compile_: bool = False) -> dict:
-    """One fit() of the GPT: step time over the window, and (2 processes) this rank's bytes of state."""
+def timed_run(
+    plan: dict[str, Any],
+    env: Any,
+    strategy: str,
+    run_dir: Path,
+    compile_: bool = False,
+    checkpointing: str = "none",
+) -> dict:
+    """One fit() of the GPT: step time over the window, this rank's bytes of state, and the memory a
+    step's forward and backward add to what the step starts with (activations, gradients)."""
     import torch
 
     from disttrain.trainer import Trainer, make_optimizer
@@ -160,6 +198,7 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
     cuda = env.device.type == "cuda"
     clock = Clock(plan["warmup"], plan["steps"], cuda)
     seen: dict[str, int] = {"grads": 0, "peak": 0}
+    step_memory = PeakMemory(env.device)  # a step's forward and backward
 
     class Measures:
         """The clock and the memory, read through the public events: the clock at the start and at each
@@ -168,19 +207,24 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
 
         def on_fit_start(self, run: Any) -> None:
             clock.tick()  # the first step's start: the compile step is the first period
+            step_memory.start()
 
         def on_before_optimizer_step(self, run: Any) -> None:
             seen["grads"] = max(seen["grads"], local_bytes(p.grad for p in run.model.parameters()))
+            if clock.calls > 1:  # the first step allocates what later steps reuse
+                step_memory.read()
 
         def on_step_end(self, run: Any) -> None:
             clock.tick()
             if cuda:
                 seen["peak"] = max(seen["peak"], torch.cuda.max_memory_allocated(env.device))
                 torch.cuda.reset_peak_memory_stats(env.device)
+            step_memory.start()
 
     max_steps = plan["warmup"] + plan["steps"] + 1
     model, data, _ = build(plan, env.world_size, max_steps)
-    cfg = make_config(plan, strategy, run_dir, max_steps, compile=compile_)
+    options = {"activation_checkpointing": checkpointing}
+    cfg = make_config(plan, strategy, run_dir, max_steps, compile=compile_, strategy_options=options)
     if strategy != "fsdp":
         model = model.to(env.device)  # FSDP moves each shard to the device itself
     trainer = Trainer(model, make_optimizer(cfg.optim, model), data, cfg, env=env, callbacks=[Measures()])
@@ -191,6 +235,7 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
         "params": local_bytes(trainer.module.parameters()),
         "grads": seen["grads"],
         "optimizer": local_bytes(optimizer_tensors(trainer.optimizer)),
+        "step_peak": step_memory.peak,
     }
     if cuda:
         out["peak_allocated"] = seen["peak"]
@@ -198,6 +243,83 @@ def timed_run(plan: dict[str, Any], env: Any, strategy: str, run_dir: Path, comp
     del trainer, model
     if cuda:
         gc.collect()  # the next run's model and optimizer state must not share the GPU with this one's
+        torch.cuda.empty_cache()
+    return out
+
+
+def process_memory(field: str) -> int:
+    """This process's VmRSS (resident now) or VmHWM (the peak since the last reset), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """What a stretch of code adds at its peak to the memory it starts with. On CUDA the caching
+    allocator's `max_memory_allocated` above `memory_allocated`; on CPU the process's peak resident set
+    (VmHWM, reset through /proc/self/clear_refs) above its resident set (VmRSS) at the start. The CPU
+    figure is honest only because the driver sets MALLOC_MMAP_THRESHOLD_ (glibc then maps every block
+    of 64 KiB or more on its own and returns it to the system when freed, so that resident memory
+    follows the live tensors instead of malloc's cache)."""
+
+    def __init__(self, device: Any) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.base = 0
+        self.peak = 0
+
+    def start(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return
+        Path("/proc/self/clear_refs").write_text("5")
+        self.base = process_memory("VmRSS")
+
+    def read(self) -> int:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            added = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            added = process_memory("VmHWM") - self.base
+        self.peak = max(self.peak, added)
+        return added
+
+
+def build_run(plan: dict[str, Any], env: Any, meta: bool, run_dir: Path) -> dict[str, int]:
+    """This rank's peak memory while the model is built and sharded into a Trainer (strategy=fsdp),
+    built with disttrain.build_model: on meta on every rank but rank 0 (`meta`), or in full on every
+    rank (strategy.meta_init=false). On CUDA also the host's peak (the model is built on the host)."""
+    import torch
+
+    from disttrain.data import TokenCorpus
+    from disttrain.models import CharGPT
+    from disttrain.strategy import build_model
+    from disttrain.trainer import Trainer, make_optimizer
+
+    size = {k: v for k, v in plan["build_size"].items() if k != "batch"}
+    data = TokenCorpus(size["vocab_size"], 64 * size["block_size"], size["block_size"], sequence=True)
+    options = {"meta_init": meta}
+    cfg = make_config(plan, "fsdp", run_dir, 1, strategy_options=options)
+    gc.collect()
+    barrier(env)
+    device, host = PeakMemory(env.device), PeakMemory(torch.device("cpu"))
+    host.start()
+    device.start()
+    torch.manual_seed(0)
+    model = build_model(lambda: CharGPT(**size), cfg, env)
+    trainer = Trainer(model, make_optimizer(cfg.optim, model), data, cfg, env=env)
+    out = {"peak": device.read(), "host_peak": host.read()}
+    barrier(env)
+    del trainer, model
+    gc.collect()
+    if env.device.type == "cuda":
         torch.cuda.empty_cache()
     return out
 
@@ -308,7 +430,25 @@ def worker(plan_path: Path, out_path: Path) -> None:
             scratch.mkdir(parents=True, exist_ok=True)
         barrier(env)
         result: dict[str, Any] = {"world_size": env.world_size}
-        if env.world_size > 1:
+        if plan["phase"] == "scale":
+            short = {**plan, "warmup": 1, "steps": 2}  # bytes, not time: a few steps
+            state = {s: timed_run(short, env, s, scratch / f"state-{s}") for s in STRATEGIES}
+            # Each rank's figures (a DTensor's shards need not be equal: dim 0 in world_size chunks).
+            builds = {
+                kind: build_run(plan, env, kind == "meta", scratch / f"build-{kind}") for kind in BUILDS
+            }
+            for key, value in (("state", state), ("build", builds)):
+                gathered = [None] * env.world_size
+                dist.all_gather_object(gathered, value)
+                result[key] = gathered
+        elif plan["phase"] == "checkpointing":
+            runs = {mode: [] for mode in CHECKPOINTING}
+            for r in range(plan["repeats"]):
+                for mode in CHECKPOINTING if r % 2 == 0 else reversed(CHECKPOINTING):
+                    run_dir = scratch / f"checkpointing-{mode}-{r}"
+                    runs[mode].append(timed_run(plan, env, "auto", run_dir, checkpointing=mode))
+            result["checkpointing"] = runs
+        elif env.world_size > 1:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in STRATEGIES}
             for r in range(plan["repeats"]):
                 for strategy in STRATEGIES if r % 2 == 0 else reversed(STRATEGIES):
@@ -343,6 +483,8 @@ def run_worker(plan: dict[str, Any], scratch: Path, world: int) -> dict[str, Any
     plan_path, out = scratch / f"plan{world}.json", scratch / f"result{world}.json"
     plan_path.write_text(json.dumps(plan))
     env = dict(os.environ, OMP_NUM_THREADS=str(plan["threads"]), PYTHONUNBUFFERED="1")
+    if plan["phase"] in ("scale", "checkpointing"):
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # resident memory follows the live tensors (PeakMemory)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     me = [str(Path(__file__).resolve()), "--worker", str(plan_path), str(out)]
@@ -357,7 +499,7 @@ def run_worker(plan: dict[str, Any], scratch: Path, world: int) -> dict[str, Any
             f"--nproc-per-node={world}",
             *me,
         ]
-    what = "DDP and FSDP" if world > 1 else "compile on/off"
+    what = WHAT[plan["phase"]]
     print(f"running {what} in {world} process(es)...", flush=True)
     tick = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -367,6 +509,83 @@ def run_worker(plan: dict[str, Any], scratch: Path, world: int) -> dict[str, Any
             f"bench_fsdp: the {world}-process worker failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
         )
     return json.loads(out.read_text())
+
+
+WHAT = {
+    "pair": "DDP and FSDP",
+    "compile": "compile on/off",
+    "scale": "FSDP and DDP state, and the model's build",
+    "checkpointing": "activation checkpointing none/selective/full",
+}
+
+
+def scale_rows(result: dict[str, Any], cuda: bool, world: int) -> list[dict[str, Any]]:
+    """Per-rank state under DDP and FSDP on `world` processes, and the peak memory of building the model
+    in full on every rank against on meta on every rank but rank 0 (the largest rank but rank 0)."""
+    rows = []
+    totals = {}
+    for strategy in STRATEGIES:
+        ranks = [r[strategy] for r in result["state"]]
+        per_rank = [r["params"] + r["grads"] + r["optimizer"] for r in ranks]
+        totals[strategy] = max(per_rank)
+        row: dict[str, Any] = {
+            "table": "scale",
+            "label": f"state {strategy} x{world}",
+            "total": max(per_rank),
+        }
+        row |= {key: max(r[key] for r in ranks) for key in ("params", "grads", "optimizer")}
+        row["per_rank_total"] = per_rank
+        rows.append(row)
+    rows.append(
+        {
+            "table": "scale",
+            "label": f"state FSDP / DDP x{world}",
+            "ratio": totals["fsdp"] / totals["ddp"],
+            "ideal": 1 / world,
+            "target": 0.30,
+        }
+    )
+    peaks = {}
+    for kind in BUILDS:
+        ranks = [r[kind] for r in result["build"]]
+        row = {"table": "scale", "label": f"build {kind} x{world}", "build": kind}
+        row["rank0_peak"] = ranks[0]["peak"]
+        row["peak"] = max(r["peak"] for r in ranks[1:])  # every rank but rank 0
+        row["per_rank_peak"] = [r["peak"] for r in ranks]
+        if cuda:
+            row["host_peak"] = max(r["host_peak"] for r in ranks[1:])
+        peaks[kind] = row["peak"]
+        rows.append(row)
+    ratio = {"table": "scale", "label": f"build meta / full x{world}", "ratio": peaks["meta"] / peaks["full"]}
+    ratio["target"] = 0.40
+    rows.append(ratio)
+    return rows
+
+
+def checkpointing_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    runs = result["checkpointing"]
+    rows = []
+    for mode in CHECKPOINTING:
+        secs = [r["step_s"] for r in runs[mode]]
+        rows.append(
+            {
+                "table": "checkpointing",
+                "label": f"activation_checkpointing={mode}",
+                "step_ms": statistics.median(secs) * 1e3,
+                "spread": spread(secs),
+                "step_peak": statistics.median(r["step_peak"] for r in runs[mode]),
+                "repeats_ms": [s * 1e3 for s in secs],
+            }
+        )
+    none = rows[0]
+    for row in rows[1:]:
+        row["peak_ratio"] = row["step_peak"] / none["step_peak"]
+        pairs = [
+            c["step_s"] / n["step_s"]
+            for c, n in zip(runs[row["label"].split("=")[1]], runs["none"], strict=True)
+        ]
+        row["ratio"] = statistics.median(pairs)
+    return rows
 
 
 def memory_rows(result: dict[str, Any], cuda: bool, world: int) -> list[dict[str, Any]]:
@@ -485,6 +704,37 @@ def print_tables(rows: list[dict[str, Any]], notes: list[str], cuda: bool) -> No
                 f"{r[k] / MB:>9.3f}" for k in ("params", "grads", "optimizer", "total")
             )
             print(line + (f" {r['peak_allocated'] / MB:>9.1f}" if cuda else ""))
+    if chosen("scale"):
+        print(
+            "\n## scale: per rank on several processes: MB of parameters + gradients + AdamW state (tensor"
+            " sizes) under DDP and FSDP, and the peak memory added while the model is built and sharded"
+            " into a Trainer (strategy=fsdp; the largest rank but rank 0; "
+            + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS, VmHWM above VmRSS")
+            + ")"
+        )
+        for r in chosen("scale"):
+            if "ratio" in r:
+                ideal = f", ideal {r['ideal']:.3f}" if "ideal" in r else ""
+                print(f"{r['label']:<28} ratio {r['ratio']:.3f} (target <= {r['target']:.2f}{ideal})")
+            elif "build" in r:
+                host = f"  host {r['host_peak'] / MB:.1f} MB" if "host_peak" in r else ""
+                peaks = f"peak {r['peak'] / MB:>9.1f} MB  rank 0 {r['rank0_peak'] / MB:.1f} MB"
+                print(f"{r['label']:<28} {peaks}{host}")
+            else:
+                print(f"{r['label']:<28} total {r['total'] / MB:>9.3f} MB")
+    if chosen("checkpointing"):
+        print(
+            "\n## checkpointing: one process, the memory a step's forward + backward adds to what it starts"
+            " with (activations and gradients; "
+            + ("torch.cuda.max_memory_allocated" if cuda else "peak RSS, VmHWM above VmRSS")
+            + "), median step time of interleaved repeats; ratios against none"
+        )
+        for r in chosen("checkpointing"):
+            ratios = f"  peak x{r['peak_ratio']:.3f}  time x{r['ratio']:.3f}" if "ratio" in r else ""
+            print(
+                f"{r['label']:<34} peak {r['step_peak'] / MB:>8.2f} MB  {r['step_ms']:>9.2f} ms"
+                f"  spread {r['spread']:>6.1%}{ratios}"
+            )
     sections = {
         "step": (
             "step time, same GPT, data and global batch (median of interleaved repeats; ratio = median of"
@@ -546,6 +796,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--compile-repeats", type=int, default=None, help="interleaved compile on/off repeats (default 3)"
     )
+    p.add_argument(
+        "--scale-nproc", type=int, default=4, help="processes for the scale table (default 4; 0: none)"
+    )
+    p.add_argument(
+        "--only",
+        default=",".join(TABLES),
+        help=f"the tables to run, comma-separated (default {','.join(TABLES)})",
+    )
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument(
         "--quick", action="store_true", help="a toy GPT: every row in seconds, figures meaningless"
@@ -559,6 +817,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if quick else 5)
     args.snapshot_repeats = args.snapshot_repeats or (2 if quick else 9)
     args.compile_repeats = args.compile_repeats or (1 if quick else 3)
+    args.only = [t for t in args.only.split(",") if t]
+    if unknown := [t for t in args.only if t not in TABLES]:
+        p.error(f"--only {','.join(unknown)}: the tables are {', '.join(TABLES)}")
     return args
 
 
@@ -584,6 +845,15 @@ def main(argv: list[str] | None = None) -> int:
                 f" {world} GPUs: NCCL takes one GPU per process)"
             )
             world = 0
+    scale_world = args.scale_nproc if "scale" in args.only else 0
+    if cuda and scale_world and torch.cuda.device_count() < scale_world:
+        notes.append(
+            f"{torch.cuda.device_count()} GPU: scale rows skipped (they need {scale_world} GPUs: NCCL takes"
+            " one GPU per process)"
+        )
+        scale_world = 0
+    if not {"memory", "step", "snapshot"} & set(args.only):
+        world = 0
     size = dict(SIZES["quick" if args.quick else args.device])
     plan = {
         "device_type": args.device,
@@ -595,6 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         "snapshot_repeats": args.snapshot_repeats,
         "compile_repeats": args.compile_repeats,
         "threads": args.threads,
+        "build_size": BUILD_SIZES["quick" if args.quick else args.device],
     }
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
@@ -603,17 +874,27 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(tmp)
         plan["scratch"] = str(scratch)
         if world > 1:
-            result = run_worker(plan, scratch, world)
+            result = run_worker({**plan, "phase": "pair"}, scratch, world)
             device_name = result["device_name"]
-            rows += memory_rows(result, cuda, world)
-            rows += step_rows(result, plan, world)
-            rows += snapshot_rows(result, world)
-        if (missing := compiler_missing()) is not None:
+            rows += memory_rows(result, cuda, world) if "memory" in args.only else []
+            rows += step_rows(result, plan, world) if "step" in args.only else []
+            rows += snapshot_rows(result, world) if "snapshot" in args.only else []
+        if "compile" not in args.only:
+            pass
+        elif (missing := compiler_missing()) is not None:
             notes.append(f"compile rows skipped: {missing}")
         else:
-            result = run_worker(plan, scratch, 1)
+            result = run_worker({**plan, "phase": "compile"}, scratch, 1)
             device_name = result["device_name"]
             rows += compile_rows(result)
+        if scale_world > 1:
+            result = run_worker({**plan, "phase": "scale"}, scratch, scale_world)
+            device_name = result["device_name"]
+            rows += scale_rows(result, cuda, scale_world)
+        if "checkpointing" in args.only:
+            result = run_worker({**plan, "phase": "checkpointing"}, scratch, 1)
+            device_name = result["device_name"]
+            rows += checkpointing_rows(result)
     load_after = os.getloadavg()[0]
     params = sum(p.numel() for p in build_model(size).parameters())
     notes.append(
@@ -622,6 +903,13 @@ def main(argv: list[str] | None = None) -> int:
         f" {args.precision}, AdamW; warm-up {args.warmup}, {args.steps} timed steps, {args.repeats}"
         f" interleaved repeats ({args.compile_repeats} for compile), {args.snapshot_repeats} snapshots"
     )
+    if scale_world > 1:
+        build = plan["build_size"]
+        built = sum(p.numel() for p in build_model(build).parameters())
+        notes.append(
+            f"scale: {scale_world} processes; the build rows build a GPT of {build['n_layer']} layers, width"
+            f" {build['n_embd']}: {built / 1e6:.1f}M parameters, {4 * built / MB:.0f} MB in fp32"
+        )
     notes.append(
         f"load average {load_before:.1f} at the start, {load_after:.1f} at the end, on {os.cpu_count()}"
         f" cores; {args.threads} intra-op thread(s) per process"

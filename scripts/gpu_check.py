@@ -14,7 +14,7 @@ something on CUDA (peak memory, MFU, scripts/bench.py --device cuda) say `needs 
   FAILED         the check ran and went wrong: the figure is its error; the script exits 1
 
 Each check runs in a process of its own (`--check NAME`, under torchrun for 2-process ones) with a time
-limit, and the whole run keeps to --budget-s (default 450 s: under 8 minutes with startup), the long
+limit, and the whole run keeps to --budget-s (default 540 s: under 10 minutes with startup), the long
 benchmark checks last.
 """
 
@@ -379,6 +379,7 @@ def bench_fsdp_gpu(scratch: Path, timeout: float) -> tuple[str, str]:
     out = scratch / "bench_fsdp.json"
     cmd = [sys.executable, "scripts/bench_fsdp.py", "--device", "cuda", "--repeats", "3"]
     cmd += ["--snapshot-repeats", "3", "--compile-repeats", "1", "--json", str(out)]
+    cmd += ["--only", "memory,step,snapshot,compile"]  # (scale, checkpointing: bench_scale)
     proc = run(cmd, timeout)
     if proc.returncode != 0:
         return (
@@ -397,6 +398,41 @@ def bench_fsdp_gpu(scratch: Path, timeout: float) -> tuple[str, str]:
         parts.append("memory rows need 2 GPUs")
     comp = next(r for r in rows if r.get("label") == "compiled / eager step time")
     parts.append(f"compiled/eager step {comp['ratio']:.3f}")
+    return OK, "; ".join(parts)
+
+
+def bench_scale(scratch: Path, timeout: float, cuda: bool) -> tuple[str, str]:
+    """scripts/bench_fsdp.py's scale and checkpointing tables: per-rank state FSDP / DDP and the peak
+    memory of a meta build against a full one on 4 processes (4+ GPUs; on CPU 2 processes of a toy),
+    activation checkpointing's peak step memory and step time against none (one process)."""
+    out = scratch / "bench_scale.json"
+    cmd = [sys.executable, "scripts/bench_fsdp.py", "--only", "scale,checkpointing", "--json", str(out)]
+    cmd += (
+        ["--device", "cuda", "--repeats", "3"]
+        if cuda
+        else ["--quick", "--scale-nproc", "2", "--repeats", "1"]
+    )
+    proc = run(cmd, timeout)
+    if proc.returncode != 0:
+        return (
+            FAILED,
+            f"scripts/bench_fsdp.py exited {proc.returncode}: {last_line(proc.stderr or proc.stdout)}",
+        )
+    report = json.loads(out.read_text())
+    rows = {r["label"]: r for r in report["rows"]}
+    parts = []
+    for prefix, name in (("state FSDP / DDP", "state FSDP/DDP"), ("build meta / full", "build meta/full")):
+        row = next((r for label, r in rows.items() if label.startswith(prefix)), None)
+        if row is not None:
+            world = row["label"].rsplit(" ", 1)[1]
+            # The targets are for 4 processes (fewer shard less: CPU mode's toy runs 2).
+            missed = " MISSED" if world == "x4" and row["ratio"] > row["target"] else ""
+            parts.append(f"{name} {world} {row['ratio']:.3f} (x4 target <= {row['target']:.2f}{missed})")
+    if not parts:  # too few GPUs: the note says how many the rows need
+        parts.append(next((n for n in report["notes"] if "scale rows skipped" in n), "no scale rows"))
+    for mode in ("selective", "full"):
+        row = rows[f"activation_checkpointing={mode}"]
+        parts.append(f"{mode}: step memory x{row['peak_ratio']:.2f}, step time x{row['ratio']:.2f}")
     return OK, "; ".join(parts)
 
 
@@ -453,6 +489,10 @@ def plan_checks(cuda: bool, gpus: int, scratch: Path) -> list[Check]:
         Check(
             "scripts/bench_fsdp.py --device cuda", cuda_only=True, timeout_s=300,
             answer=lambda timeout: bench_fsdp_gpu(scratch, timeout),
+        ),
+        Check(
+            "FSDP x4 state + meta build, activation checkpointing (scripts/bench_fsdp.py)", timeout_s=200,
+            answer=lambda timeout: bench_scale(scratch, timeout, cuda),
         ),
     ]  # fmt: skip
     return checks
@@ -537,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--cpu", action="store_true", help="CPU/gloo mode even on a GPU machine")
-    p.add_argument("--budget-s", type=float, default=450.0, help="the whole run's time limit (seconds)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="the whole run's time limit (seconds)")
     p.add_argument("--json", type=Path, default=None, help="write the table and the settings here")
     args = p.parse_args(argv)
     import torch

@@ -68,6 +68,7 @@ SHARED_BY: dict[str, str | None] = {
     "two_hosts": "cluster",
     "reference": None,
     "tail_reference": None,
+    "shard_reference": None,
     "fsdp_reference": None,
     "two_runs": None,
     "finished_run": None,

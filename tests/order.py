@@ -83,7 +83,9 @@ def steps_read(
 
 class LoggedShards(Shards):
     """disttrain.shards.Shards that logs the global id of every sample it reads, as LoggedRegression does
-    (`delay` seconds a sample); a loader worker logs into its rank's file too, in the order it reads."""
+    (`delay` seconds a sample); a loader worker logs into its rank's file too, in the order it reads.
+    With `$ORDER_PAUSE_AT` set to a global id, the batch that holds it is logged, `$ORDER_LOG/paused`
+    written and the reader stops there for good: a test kills the job at that known sample."""
 
     def __init__(self, *args: Any, delay: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -96,4 +98,8 @@ class LoggedShards(Shards):
             f.write("".join(f"{i}\n" for i in indices))
         if self.delay:
             time.sleep(self.delay * len(indices))
+        if (pause := os.environ.get("ORDER_PAUSE_AT")) is not None and int(pause) in indices:
+            (log_dir / "paused").touch()
+            while True:
+                time.sleep(1)
         return super().__getitems__(indices)

@@ -66,7 +66,7 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
     assert snapshot["bare_torch_save_s"] > 0 and snapshot["snapshot_s"] > 0, snapshot
     assert f"{snapshot['label']:<44} {snapshot['bytes'] / 1e6:.2f} MB: torch.save" in printed
     for workers in (0, 2):  # streaming against map-style over the same records, side by side
-        for label in ("map-style (rows in memory)", "shards, JSONL", "shards, Parquet"):
+        for label in ("map-style (rows in memory)", "shards, JSONL", "shards, Parquet", "shards, tar"):
             row = next(r for r in rows if r.get("label") == f"{label}, {workers} workers")
             assert row["samples_per_s"] > 0 and (label.startswith("map") or row["ratio"] > 0), row
             assert row["label"] in printed
@@ -76,6 +76,18 @@ def test_bench_quick_prints_every_row(tmp_path: Path) -> None:
         "token file of 64 MiB: private memory",
     ]
     assert report["meta"]["command"].startswith("python scripts/bench.py --quick")
+
+
+@pytest.mark.slow
+def test_bench_only_data_prints_the_data_table_alone(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = run_script("bench.py", "--quick", "--only", "data", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["table"] for r in rows} == {"data"}
+    streams = [r for r in rows if "ratio" in r]
+    assert len(streams) == 6 and all(r["samples_per_s"] > 0 and r["repeats"] == 1 for r in streams)
+    assert "## data: " in proc.stdout and "## loop" not in proc.stdout
 
 
 def test_gpt_flops_follow_the_documented_estimate() -> None:

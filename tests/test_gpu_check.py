@@ -4,6 +4,7 @@ none fails, and the table is printed (the CUDA path needs a GPU machine: README,
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ EXPECTED = {
     "peak memory + Trainer MFU": "needs CUDA",
     "scripts/bench.py --device cuda": "needs CUDA",
     "scripts/bench_fsdp.py --device cuda": "needs CUDA",
+    "FSDP x4 state + meta build, activation checkpointing": "ok",
 }
 
 
@@ -57,4 +59,17 @@ def test_gpu_check_cpu_mode_prints_the_table_and_nothing_fails(tmp_path: Path) -
         if row["result"] == "ok":
             assert row["figure"] and row["figure"] != "-", row
     assert "FAILED" not in proc.stdout
+    # The CUDA rows' code, run on CPU at toy sizes (2 processes): the figures parse, and they say what
+    # sharding guarantees whatever the machine's load: less state per rank, a smaller meta build.
+    scale = next(r for r in rows if r["check"].startswith("FSDP x4 state"))["figure"]
+    match = re.fullmatch(
+        r"state FSDP/DDP x2 ([\d.]+) \(x4 target <= 0\.30\); build meta/full x2 ([\d.]+) \(x4 target <= "
+        r"0\.40\); selective: step memory x([\d.]+), step time x[\d.]+; full: step memory x([\d.]+), "
+        r"step time x[\d.]+",
+        scale,
+    )
+    assert match, scale
+    state, build, selective, full = map(float, match.groups())
+    assert state <= 0.55 and build < 0.9, scale
+    assert 0 < full < selective < 1, scale  # every block recomputed keeps less than every other one
     assert f"{len(rows)} of {len(rows)} checks not failing" in proc.stdout

@@ -21,9 +21,10 @@ def preflight(cfg: TrainConfig) -> None:
         if (missing := compiler_missing()) is not None:
             raise ConfigError(f"trainer.compile=True: {missing}")
     if cfg.strategy.name == "fsdp" or cfg.strategy.activation_checkpointing != "none":
+        from disttrain.config import world_size_of
         from disttrain.worker import check_blocks
 
-        check_blocks(cfg)
+        check_blocks(cfg, world_size_of(cfg))
     if name == "slurm":
         from disttrain.launch.slurm import preflight as slurm_preflight
 

@@ -35,18 +35,20 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     args = parser.parse_args()
 
-    disttrain.seed_everything(0)  # every rank builds the same full model; FSDP then shards it
-    model = DeepMLP(depth=args.depth)
-    total = sum(p.numel() for p in model.parameters())
-    # Build the optimizer over the model's parameters as usual: when the Trainer shards the model it
-    # points the optimizer at the sharded parameters by name.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     cfg = TrainConfig(
         name="fsdp",
         run_dir=args.run_dir,
         strategy=StrategyConfig(name="fsdp"),
         trainer=TrainerConfig(batch_size=32, max_epochs=args.epochs, num_threads=1),
     )
+    disttrain.seed_everything(0)
+    # Rank 0 builds the model in full (its weights), every other rank on the meta device (no memory);
+    # the Trainer shards it and sends every rank its shards of rank 0's weights.
+    model = disttrain.build_model(lambda: DeepMLP(depth=args.depth), cfg)
+    total = sum(p.numel() for p in model.parameters())
+    # Build the optimizer over the model's parameters as usual: when the Trainer shards the model it
+    # points the optimizer at the sharded parameters by name.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     trainer = Trainer(model, optimizer, make_data(args.samples), cfg)
     # Each parameter is now a DTensor; this rank holds its local shard of it.
     local = sum(p.to_local().numel() for p in trainer.module.parameters())
