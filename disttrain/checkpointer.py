@@ -121,6 +121,7 @@ class Checkpointer:
         if self.stream is not None:
             own["stream"] = self.stream.state_dict()
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg), "optimizer": class_name(self.optimizer)}
+        meta["samples_in_epoch"] = c.samples_in_epoch  # (a stream's resume is checked before a job starts)
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta, write_sharded)
         self.step = c.step
 

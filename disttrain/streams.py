@@ -201,15 +201,23 @@ class StreamLoader:
                     epoch,
                 )
         else:
-            now = shape(self.env.world_size, self.num_workers)
-            kind = "a stateful" if stateful else "an"
-            hold = "its state is per rank and worker" if stateful else "its position cannot be re-read there"
-            then = shape(written_by, workers)
-            raise ConfigError(
-                f"data: {self.name} is {kind} IterableDataset resumed mid-epoch from {then} on {now}, and "
-                f"{hold}; resume on {then} (trainer.num_workers={workers}), or give {self.name} "
-                "load_global_position(epoch, samples) to continue on any shape"
-            )
+            check_reshard(self.dataset, (written_by, workers), (self.env.world_size, self.num_workers))
+
+
+def check_reshard(dataset: Any, then: tuple[int, int], now: tuple[int, int]) -> None:
+    """A stream resumed mid-epoch on another shape, (processes, loader workers) `then` -> `now`, is
+    refused in one line (ConfigError) unless it can reshard (load_global_position)."""
+    if then == now or can_reshard(dataset):
+        return
+    name, stateful = type(dataset).__name__, isinstance(dataset, Stateful)
+    kind = "a stateful" if stateful else "an"
+    hold = "its state is per rank and worker" if stateful else "its position cannot be re-read there"
+    was = shape(*then)
+    raise ConfigError(
+        f"data: {name} is {kind} IterableDataset resumed mid-epoch from {was} on {shape(*now)}, and "
+        f"{hold}; resume on {was} (trainer.num_workers={then[1]}), or give {name} "
+        "load_global_position(epoch, samples) to continue on any shape"
+    )
 
 
 def shape(world_size: int, workers: int) -> str:

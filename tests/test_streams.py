@@ -230,19 +230,22 @@ def test_a_reshardable_stream_killed_on_two_processes_resumes_on_one_on_the_same
 
 @pytest.mark.slow
 def test_a_stateful_stream_resumed_on_another_shape_is_refused_in_one_line(tmp_path) -> None:
-    from tests.support import disttrain
+    from tests.support import disttrain, tree_hashes
 
     job = [*stream_job(tmp_path / "run"), "data._target_=tests.streams.Counting", "data.delay=0"]
     first = disttrain(*job, "trainer.max_steps=3")  # stops mid-epoch, with a snapshot
     assert first.returncode == 0, first.stderr[-3000:]
-    refused = disttrain(*job, "trainer.num_workers=1")
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines()[-1] == (
-        "disttrain: error: data: Counting is a stateful IterableDataset resumed mid-epoch from 1 process × 0 "
-        "loader workers on 1 process × 1 loader worker, and its state is per rank and worker; resume on 1 "
-        "process × 0 loader workers (trainer.num_workers=0), or give Counting "
-        "load_global_position(epoch, samples) to continue on any shape"
+    before = tree_hashes(tmp_path / "run")
+    # Refused before torchrun starts a process: one line, exit 2, nothing touched.
+    refused = disttrain(*job, "launcher=torchrun", "launcher.nproc_per_node=2", "trainer.num_workers=2")
+    assert (refused.returncode, refused.stderr) == (
+        2,
+        "disttrain: error: data: Counting is a stateful IterableDataset resumed mid-epoch from 1 process × "
+        "0 loader workers on 2 processes × 2 loader workers, and its state is per rank and worker; resume "
+        "on 1 process × 0 loader workers (trainer.num_workers=0), or give Counting "
+        "load_global_position(epoch, samples) to continue on any shape\n",
     )
+    assert tree_hashes(tmp_path / "run") == before
 
 
 @pytest.mark.slow
