@@ -200,6 +200,11 @@ class StreamLoader:
                     position,
                     epoch,
                 )
+        elif same_shape:  # (a snapshot written before streams kept their state: it cannot say where)
+            raise ConfigError(
+                f"data: the snapshot holds no loader state of rank {self.env.rank} for {self.name} in epoch "
+                f"{epoch}, so the stream cannot continue mid-epoch; start a new run_dir"
+            )
         else:
             check_reshard(self.dataset, (written_by, workers), (self.env.world_size, self.num_workers))
 
