@@ -14,10 +14,11 @@ Two optimizer steps of the configured job, from the same weights over the same s
     V+selective   the same with every other block's (strategy.activation_checkpointing); only for a
                   model with blocks (strategy.fsdp_blocks')
 
-The variants of `--nproc` processes run one after another in one torchrun job, hsdp in another.
+The variants of `--nproc` processes run one after another in one torchrun job, hsdp in another;
+`--variants single,ddp` runs only those named (and starts no torchrun job when they are all of one process).
 A model with dropout draws other random numbers under every strategy: its variants are compared only
 with their activation-checkpointed twins (V with V+full and V+selective), which must recompute the
-same random numbers.
+same random numbers, and only the variants that have such twins run.
 
 The first step takes `--samples` samples; the second (`+tail`) is an epoch's short last step, of
 `--samples` / 2 + 1 more: the ranks hold unequal shares, and a rank fewer micro-batches than another.
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accumulate", type=int, default=4, help="micro-batches for the accumulate variant")
     parser.add_argument("--nproc", type=int, default=2, help="processes for the DDP variants")
     parser.add_argument("--tol", type=float, default=1e-6, help="largest absolute difference allowed")
+    parser.add_argument(
+        "--variants", default="", help="only these, comma-separated (default: every variant), e.g. single,ddp"
+    )
     parser.add_argument("-cd", "--config-dir", action="append", default=[], help="your config groups")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -249,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         for key, value, parts in (("--accumulate", args.accumulate, 1), ("--nproc", args.nproc, 2)):
             if value < 1 or args.samples % (value * parts):
                 raise ConfigError(f"{key}={value}: --samples ({args.samples}) must split evenly into it")
+        selected = [v for v in args.variants.split(",") if v] if args.variants else None
         hsdp_processes = max(nproc for nproc, _ in HSDP.values())
-        if args.samples % hsdp_processes:
+        if (selected is None or set(selected) & set(HSDP)) and args.samples % hsdp_processes:
             rule = f"must split evenly into the hsdp variant's {hsdp_processes} processes"
             raise ConfigError(f"--samples={args.samples}: {rule}")
         cfg = check_config(overrides, args.config_dir, args.samples)
@@ -258,10 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         tail = 0 if has_batchnorm(cfg) else tail_of(args.samples)
         cfg.trainer.max_steps = 2 if tail else 1
         samples = first_samples(cfg, args.samples + tail)
+        checkpointed = has_blocks(cfg)
+        if selected is not None:
+            check_variants(selected, checkpointed)
     except ConfigError as e:
         print(f"disttrain: error: {e}", file=sys.stderr)
         return 2
-    checkpointed = has_blocks(cfg)
+    # With dropout a variant is compared with its activation-checkpointed twins only: one without twins
+    # would be run for nothing.
+    twins_only = has_dropout(cfg)
+    twinned = set(CHECKPOINTED) if checkpointed else set()
+
+    def wanted(name: str) -> bool:
+        return (selected is None or name in selected) and (not twins_only or twin_of(name) in twinned)
+
     captured: dict[str, list[Any]] = {}
     with tempfile.TemporaryDirectory(prefix="disttrain-check-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -278,12 +293,17 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     config = variant_config(cfg, tmp, name, base, activation_checkpointing=mode)
                     multi[name] = (config, 1)
+        single = {name: v for name, v in single.items() if wanted(name)}
+        multi = {name: v for name, v in multi.items() if wanted(name)}
         for name, (strategy, micro) in single.items():
             mode = name.partition("+")[2] if name.startswith("single+") else "none"
             data = variant_config(cfg, tmp, name, strategy, activation_checkpointing=mode)
             captured[name] = capture_steps(load_config(data), samples, micro or args.accumulate)
-        captured |= _run_torchrun(cfg, args, args.nproc, multi, tmp)
+        if multi:
+            captured |= _run_torchrun(cfg, args, args.nproc, multi, tmp)
         for name, (nproc, replicas) in HSDP.items():
+            if not wanted(name):
+                continue
             hsdp = {name: (variant_config(cfg, tmp, name, "fsdp", replicate=replicas), 1)}
             captured |= _run_torchrun(cfg, args, nproc, hsdp, tmp)
     # A step over the epoch's short end is compared with the others' (report pairs tails with tails).
@@ -291,13 +311,26 @@ def main(argv: list[str] | None = None) -> int:
     results |= {name + TAIL: steps[1] for name, steps in captured.items() if len(steps) > 1}
     if not tail:
         print("(the model has BatchNorm: the +tail step, with a micro-batch of one sample, is left out)")
-    twins_only = has_dropout(cfg)
     if twins_only:
         print(
             "(the model has dropout, whose random numbers differ between strategies: each variant is "
             "compared with its activation-checkpointed twins only)"
         )
     return report(results, args.tol, mismatch_cause(cfg), twins_only=twins_only)
+
+
+def check_variants(selected: list[str], checkpointed: bool) -> None:
+    """--variants names two variants or more, each one the job has (ConfigError otherwise)."""
+    known = [*SINGLE_PROCESS, *MULTI, *HSDP]
+    if checkpointed:
+        known += [f"{base}+{mode}" for base in CHECKPOINTED for mode in CHECKPOINTING]
+    for name in selected:
+        if name not in known:
+            raise ConfigError(
+                f"--variants={','.join(selected)!r}: no variant {name!r}; the job's are {', '.join(known)}"
+            )
+    if len(set(selected)) < 2:
+        raise ConfigError(f"--variants={','.join(selected)!r}: name two variants or more, to compare")
 
 
 def _meta_model(cfg: TrainConfig) -> Any:

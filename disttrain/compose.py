@@ -156,6 +156,9 @@ def check_job(cfg: TrainConfig) -> None:
     world_size = world_size_of(cfg)
     validate(cfg, world_size)
     check_callback_classes(cfg)
+    from disttrain.worker import build_callbacks
+
+    build_callbacks(cfg)  # their constructors check their values: built once here, then in each process
     check_run_dir(cfg, world_size)
 
 

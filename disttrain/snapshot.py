@@ -57,9 +57,6 @@ DCP_DIR = "dcp"  # an FSDP job's shards (disttrain.sharded)
 FORMAT = 2
 PARTIAL = ".partial"  # suffix of what a snapshot write leaves until its commit (or a kill leaves)
 REPLACED = ".replaced"  # suffix of a snapshot moved aside for a new one of the same step
-#: Test hook, never for real runs: SECONDS to sleep inside every snapshot write, after the data files
-#: and before the commit, so that the fault-injection test's kills land inside writes.
-TEST_SLOW_WRITE = "DISTTRAIN_TEST_SLOW_WRITE"
 
 
 class SnapshotError(RuntimeError):
@@ -347,11 +344,6 @@ def _discard(path: Path | None) -> None:
             _remove(path)
 
 
-def _slow_write_for_tests() -> None:
-    if seconds := os.environ.get(TEST_SLOW_WRITE):
-        time.sleep(float(seconds))
-
-
 class SnapshotStore:
     """Writes, verifies, finds and prunes the snapshots of one run, collectively across ranks."""
 
@@ -586,7 +578,6 @@ class SnapshotStore:
                 files[rank_file(rank)] = write_file(
                     staging / rank_file(rank), functools.partial(torch.save, own)
                 )
-            _slow_write_for_tests()
             self._commit(staging, final, manifest)
         except OSError as e:
             for leftover in (staging, shared_file, sharded_dir):

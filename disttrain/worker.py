@@ -93,6 +93,32 @@ def build(key: str, spec: dict[str, Any]) -> Any:
         raise BuildError(f"{key}._target_={target!r}: building it raised {why}") from None
 
 
+def build_callbacks(cfg: TrainConfig) -> dict[str, Any]:
+    """The config's callbacks by name. A constructor that refuses its arguments (a TypeError or a
+    ValueError: a missing argument, a value out of range) is the config's mistake, refused in one line
+    naming the callback's key (ConfigError, exit 2); every launcher builds them once to check this before
+    any process or process group starts (disttrain.compose.check_job)."""
+    callbacks = {}
+    for name, spec in cfg.callbacks.items():
+        if not spec:
+            continue
+        key = f"callbacks.{name}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a warning is the real build's to show, not the check's
+                callbacks[name] = instantiate(spec)
+        except Exception as e:
+            cause = e.__cause__ if isinstance(e, InstantiationException) and e.__cause__ is not None else e
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            if isinstance(cause, (TypeError, ValueError)):
+                message = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+                raise ConfigError(f"{key}: {message or type(cause).__name__}") from None
+            why = describe_exception(cause)
+            raise BuildError(f"{key}._target_={spec.get('_target_')!r}: building it raised {why}") from None
+    return callbacks
+
+
 def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
     """The config's dataset, refused in one line (ConfigError) when it is too small for a job of
     `world_size` processes: what a launcher checks before any process or run file exists."""
@@ -153,7 +179,7 @@ def build_trainer(cfg: TrainConfig, env: Any, dataset: Dataset | None = None) ->
     model = build_model(lambda: build("model", cfg.model), cfg, env)
     check_model(model, f"model._target_={cfg.model.get('_target_')!r}")
     step = instantiate(cfg.step, _partial_=True) if cfg.step else None
-    callbacks = {name: build(f"callbacks.{name}", spec) for name, spec in cfg.callbacks.items() if spec}
+    callbacks = build_callbacks(cfg)
     optimizer = make_optimizer(cfg.optim, model)
     return Trainer(model, optimizer, dataset, cfg, step=step, env=env, callbacks=callbacks)
 

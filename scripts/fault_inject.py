@@ -5,15 +5,17 @@ and count what happened.
 
 Each life of the job is `python -m disttrain OVERRIDE ... run_dir=RUN_DIR`, killed (the whole process
 group, SIGKILL) after a delay drawn from a seeded RNG: mostly a moment after the life has trained its
-first step, sometimes during start-up (imports, verification, loading). The test hook
-DISTTRAIN_TEST_SLOW_WRITE=SECONDS makes every snapshot write last longer, so kills land inside writes
-often. After `--kills` kills the job runs to the end. Prints one JSON object of counts:
+first step, sometimes during start-up (imports, verification, loading). The killed lives run with the
+test hook tests/hooks/sitecustomize.py on their PYTHONPATH: every snapshot write lasts `--slow-write`
+seconds longer, so kills land inside writes often. After `--kills` kills the job runs to the end. Prints
+one JSON object of counts:
 
     kills                 SIGKILLs delivered to a live job
     kills_inside_writes   kills that left a snapshot write unfinished (a `.step_*.partial` directory)
     unfinished_discarded  unfinished writes the next life reported and discarded
     corruptions_detected  committed snapshots a later life found corrupt (must be 0: writes are atomic)
     snapshots_verified    snapshots on disk at the end, every one verified
+    slow_writes           snapshot writes the hook slowed (0 would mean the kills never met a slow one)
 """
 
 from __future__ import annotations
@@ -22,26 +24,32 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from disttrain.snapshot import PARTIAL, TEST_SLOW_WRITE, list_snapshots
+from disttrain.snapshot import PARTIAL, list_snapshots
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The slow-write hook's directory and its two variables (tests/hooks/sitecustomize.py).
+HOOKS = ROOT / "tests" / "hooks"
+SLOW_WRITE_ENV, SLOW_WRITE_LOG_ENV = "DISTTRAIN_TEST_SLOW_WRITE", "DISTTRAIN_TEST_SLOW_WRITE_LOG"
 
 
 def _command(overrides: list[str], run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "disttrain", *overrides, f"run_dir={run_dir}"]
 
 
-def _env(slow_write: float) -> dict[str, str]:
+def _env(slow_write: float, log: Path) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if slow_write:
-        env[TEST_SLOW_WRITE] = str(slow_write)
+        path = os.pathsep.join(p for p in (str(HOOKS), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        env.update({"PYTHONPATH": path, SLOW_WRITE_ENV: str(slow_write), SLOW_WRITE_LOG_ENV: str(log)})
     return env
 
 
@@ -99,6 +107,7 @@ def inject(
         ("kills", "kills_inside_writes", "unfinished_discarded", "corruptions_detected", "lives"), 0
     )
     command = _command(overrides, run_dir)
+    log = Path(tempfile.mkdtemp(prefix="disttrain-fault-inject-")) / "slow_writes"
     while True:
         counts["lives"] += 1
         unfinished_before = _unfinished_writes(run_dir)
@@ -106,7 +115,7 @@ def inject(
         proc = subprocess.Popen(
             command,
             cwd=ROOT,
-            env=_env(slow_write if counts["kills"] < kills else 0),
+            env=_env(slow_write if counts["kills"] < kills else 0, log),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -137,6 +146,8 @@ def inject(
     counts["snapshots_verified"] = len(snapshots)
     counts["unfinished_left"] = len(_unfinished_writes(run_dir))
     counts["params_sha256"] = json.loads((run_dir / "summary.json").read_text())["params_sha256"]
+    counts["slow_writes"] = len(log.read_text().splitlines()) if log.exists() else 0
+    shutil.rmtree(log.parent, ignore_errors=True)
     return counts
 
 

@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from disttrain.callbacks import Callback, RunView
+from disttrain.config import SnapshotConfig, TrainConfig, TrainerConfig
+from disttrain.data import RandomRegression
+from disttrain.trainer import Trainer, seed_everything
 
 
 class Recorder(Callback):
@@ -129,3 +133,16 @@ class HandEMA(Callback):
         full = {n: e.full_tensor() if hasattr(e, "full_tensor") else e for n, e in self.average.items()}
         if self.out and run.is_main:
             torch.save(full, self.out)
+
+
+def regression_trainer(run_dir: Path, callbacks, **trainer) -> Trainer:
+    """48 samples, 12 held out: steps of 8, the fifth of each epoch takes the 4 left."""
+    seed_everything(0)
+    model = nn.Linear(20, 1)
+    cfg = TrainConfig(
+        run_dir=str(run_dir),
+        trainer=TrainerConfig(**{"batch_size": 8, "max_epochs": 2, "val_fraction": 0.25, **trainer}),
+        snapshot=SnapshotConfig(every_steps=2),
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    return Trainer(model, optimizer, RandomRegression(size=48), cfg, callbacks=callbacks)

@@ -59,13 +59,15 @@ def two_hosts() -> Iterator[TwoHosts]:
 # ==== two tests at a time (pytest-xdist: scripts/test runs `-n 2 --dist loadgroup`) ==================
 # A test spends much of its time in one process's start (imports, rendezvous, a scheduler's poll) while
 # the other core idles, so the suite runs two at a time. A fixture shared by several tests is made once
-# per worker: the tests that use a cluster (one SLURM cluster, fixed network namespace names) or a
-# module's shared run go to one worker together.
+# per worker: the tests that use the SLURM cluster (one per session: its daemons, ports and job ids) or
+# a module's shared run go to one worker together. The network namespaces are no such fixture: each
+# test makes its own pair, named after its worker's pid, and nothing outside the pair sees it, so those
+# tests run wherever xdist puts them (beside the SLURM ones too, whose daemons listen on this host's
+# loopback only).
 
 #: fixture -> the worker group of every test that uses it (None: the test's own module).
 SHARED_BY: dict[str, str | None] = {
     "slurm_cluster": "cluster",
-    "two_hosts": "cluster",
     "reference": None,
     "tail_reference": None,
     "shard_reference": None,

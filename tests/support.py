@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -10,12 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.hooks.sitecustomize import LOG_ENV as SLOW_WRITE_LOG_ENV
+from tests.hooks.sitecustomize import SECONDS_ENV as SLOW_WRITE_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
+HOOKS = ROOT / "tests" / "hooks"
 
 
 def require(reason: str | None) -> None:
@@ -70,6 +76,19 @@ def env(**extra: str) -> dict[str, str]:
     e.pop("RANK", None)
     e.update(extra)
     return e
+
+
+def slow_writes(seconds: float, log: Path) -> dict[str, str]:
+    """The environment (for `start` or `disttrain`) in which every snapshot write of the job, in every
+    process, sleeps `seconds` before its commit and notes it in `log` (tests/hooks/sitecustomize.py):
+    time for a signal to land inside a write. `slowed(log)` says whether one did."""
+    path = os.pathsep.join(p for p in (str(HOOKS), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, SLOW_WRITE_ENV: str(seconds), SLOW_WRITE_LOG_ENV: str(log)}
+
+
+def slowed(log: Path) -> int:
+    """Snapshot writes the hook slowed (`slow_writes`): a test of a slow write asserts there was one."""
+    return len(log.read_text().splitlines()) if log.exists() else 0
 
 
 def disttrain(
@@ -233,3 +252,28 @@ def python_api_fit(run_dir: Path) -> None:
     model = MLPLanguageModel(vocab_size=50)
     data = TokenCorpus(vocab_size=50, num_tokens=4000)
     Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), data, cfg).fit()
+
+
+def numeric_fields(cls: type | None = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """Every int and float field of the schema (TrainConfig by default), as (dotted key, field)."""
+    from disttrain.config import TrainConfig
+
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += numeric_fields(hints[f.name], f"{prefix}{f.name}.")
+        elif hints[f.name] in (int, float):
+            out.append((f"{prefix}{f.name}", f))
+    return out
+
+
+#: The schema's numbers (test_config checks their ranges; test_reliability tries values past them).
+NUMBERS = numeric_fields()
+
+
+def step_losses(run_dir: Path) -> tuple[list[int], list[float]]:
+    """metrics.jsonl's training lines: their steps and losses, in the file's order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r]

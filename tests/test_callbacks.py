@@ -7,29 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
 from disttrain.callbacks import EVENTS, CallbackError
-from disttrain.config import ConfigError, SnapshotConfig, TrainConfig, TrainerConfig
-from disttrain.data import RandomRegression
+from disttrain.cli import main
+from disttrain.config import ConfigError
 from disttrain.snapshot import list_snapshots
-from disttrain.trainer import Trainer, seed_everything
-from tests.callbacks import Raises, Recorder, StepCounter, StopAt, Typo
+from tests.callbacks import Raises, Recorder, StepCounter, StopAt, Typo, regression_trainer
 from tests.support import SMALL, disttrain, kill_at_step, start, summary
-
-
-def regression_trainer(run_dir: Path, callbacks, **trainer) -> Trainer:
-    """48 samples, 12 held out: steps of 8, the fifth of each epoch takes the 4 left."""
-    seed_everything(0)
-    model = nn.Linear(20, 1)
-    cfg = TrainConfig(
-        run_dir=str(run_dir),
-        trainer=TrainerConfig(**{"batch_size": 8, "max_epochs": 2, "val_fraction": 0.25, **trainer}),
-        snapshot=SnapshotConfig(every_steps=2),
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    return Trainer(model, optimizer, RandomRegression(size=48), cfg, callbacks=callbacks)
 
 
 def events(out: Path, rank: int = 0) -> list[str]:
@@ -95,6 +79,49 @@ def test_an_event_that_does_not_exist_is_refused_before_anything_starts(tmp_path
     assert str(refused.value) == (
         "callbacks.Typo: Typo.on_step_ned is not an event; the events are " + ", ".join(EVENTS)
     )
+    assert not (tmp_path / "run").exists()
+
+
+EMA_SPEC = "+callbacks.ema._target_=disttrain.ema.EMA"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            [EMA_SPEC, "+callbacks.ema.decy=0.9"],
+            "callbacks.ema.decy=0.9: disttrain.ema.EMA takes no such argument; did you mean "
+            "callbacks.ema.decay?",
+        ),
+        ([EMA_SPEC, "+callbacks.ema.decay=1.5"], "callbacks.ema: EMA decay=1.5: must be between 0 and 1"),
+        (
+            ["+callbacks.stop._target_=tests.callbacks.StopAt"],
+            "callbacks.stop: StopAt.__init__() missing 1 required positional argument: 'step'",
+        ),
+        (
+            ["logger=mlflow", "+callbacks.mlflow.experiment=' '"],
+            "callbacks.mlflow.experiment=' ': must name an experiment",
+        ),
+        (
+            # Refused by the launcher: torchrun would start the workers, which would build it in the group.
+            [
+                "launcher=torchrun",
+                "launcher.nproc_per_node=2",
+                "+callbacks.profile._target_=disttrain.profiler.Profiler",
+                "+callbacks.profile.active=0",
+            ],
+            "callbacks.profile: Profiler wait=1, warmup=1, active=0, repeat=1: must be >= 0, >= 0, >= 1 "
+            "and >= 0",
+        ),
+    ],
+    ids=["unknown-argument", "bad-value", "missing-argument", "refused-by-the-class", "under-torchrun"],
+)
+def test_a_callback_the_config_builds_wrong_is_one_line_before_anything_starts(
+    overrides: list[str], message: str, tmp_path, capsys
+) -> None:
+    """In this process, which may start none (tests/tiers.py): refused before torchrun or a process group."""
+    assert main([*overrides, f"run_dir={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == f"disttrain: error: {message}\n"
     assert not (tmp_path / "run").exists()
 
 

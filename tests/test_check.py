@@ -6,13 +6,13 @@ import re
 
 import pytest
 
+from disttrain.check import main as check_main
 from tests.support import disttrain
-
-pytestmark = pytest.mark.slow  # every test here starts processes
 
 SMALL_CHECK = ["data.num_tokens=2000", "data.vocab_size=50"]
 
 
+@pytest.mark.slow
 def test_every_strategy_gives_the_same_gradients_without_batchnorm() -> None:
     result = disttrain("check", *SMALL_CHECK, "model.batchnorm=false", "--samples", "16", "--accumulate", "4")
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
@@ -30,6 +30,7 @@ def test_every_strategy_gives_the_same_gradients_without_batchnorm() -> None:
     assert "OK: all 56 pairs give the same gradients within 1e-06" in result.stdout
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_recomputes_dropout_exactly_under_every_strategy() -> None:
     gpt = ["experiment=gpt", "data.num_tokens=2000", "data.context=8", "model.n_layer=2", "model.n_embd=16"]
     result = disttrain("check", *gpt, "model.n_head=2", "model.dropout=0.1", "trainer.num_threads=1")
@@ -45,8 +46,26 @@ def test_activation_checkpointing_recomputes_dropout_exactly_under_every_strateg
         assert {(base, f"{base}+full"), (base, f"{base}+selective")} <= twins
 
 
+@pytest.mark.slow
 def test_batchnorm_breaks_the_identity_and_check_says_so() -> None:
-    result = disttrain("check", *SMALL_CHECK, "--samples", "16")
+    # The two variants of one process that show it: no torchrun job starts.
+    result = disttrain("check", *SMALL_CHECK, "--samples", "16", "--variants", "single,accumulate")
     assert result.returncode == 1
     assert re.search(r"single ~ accumulate\s+\| False\s+\| False", result.stdout)
     assert "MISMATCH" in result.stdout and "BatchNorm" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        (
+            "single,dpp",
+            "--variants='single,dpp': no variant 'dpp'; the job's are single, accumulate, dp, ddp, "
+            "ddp+accum, fsdp, fsdp+accum, hsdp",
+        ),
+        ("ddp", "--variants='ddp': name two variants or more, to compare"),
+    ],
+)
+def test_variants_the_job_lacks_are_one_line(variants: str, message: str, capsys) -> None:
+    assert check_main([*SMALL_CHECK, "--variants", variants]) == 2
+    assert capsys.readouterr().err == f"disttrain: error: {message}\n"

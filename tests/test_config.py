@@ -17,7 +17,7 @@ from disttrain.cli import main
 from disttrain.compose import CONF_DIR, compose
 from disttrain.config import Range, TrainerConfig
 from disttrain.data import RandomRegression
-from tests.support import disttrain
+from tests.support import NUMBERS, disttrain
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -76,20 +76,6 @@ def test_an_option_says_only_what_it_changes(group: str) -> None:
         repeated = {k: v for k, v in values.items() if k != f"{group}.name" and defaults.get(k) == v}
         assert not repeated, f"{path.name} repeats the schema's defaults: {repeated}"
         assert set(values) <= set(defaults), f"{path.name} sets keys the schema lacks"
-
-
-def numeric_fields(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += numeric_fields(hints[f.name], f"{prefix}{f.name}.")
-        elif hints[f.name] in (int, float):
-            out.append((f"{prefix}{f.name}", f))
-    return out
-
-
-NUMBERS = numeric_fields()
 
 
 def test_every_number_in_the_schema_has_a_range() -> None:

@@ -1,6 +1,6 @@
 """disttrain.ema.EMA: the average equals one written by hand, resumes bit-exactly from its snapshot,
 swaps in for validation and out again, and `disttrain export --ema` writes it. (Under FSDP on 2
-processes: tests/test_fsdp.py's kill-and-resume test.)"""
+processes: tests/test_fsdp.py's kill-and-resume test and its validation on the average.)"""
 
 from __future__ import annotations
 

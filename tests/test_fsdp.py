@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from disttrain.export import exported_state
-from disttrain.metrics import params_sha256
+from disttrain.metrics import params_sha256, read_metrics
 from disttrain.models import CharGPT
 from disttrain.snapshot import list_snapshots
 from tests.support import ROOT, SMALL, disttrain, env, kill_at_step, losses, start, summary, torchrun
@@ -129,33 +129,69 @@ EMA = ["+callbacks.ema._target_=disttrain.ema.EMA", "+callbacks.ema.decay=0.95"]
 FOUR = ["launcher=torchrun", "launcher.nproc_per_node=4", "strategy=fsdp", "trainer.batch_size=4"]
 
 
+#: The reference validates once, at its last step (after which nothing trains: the other lives, which
+#: never validate, continue it exactly), on the EMA's weights.
+VALIDATE_ON_EMA = ["trainer.val_every_steps=30", "+callbacks.ema.validate=true"]
+
+
 @pytest.fixture(scope="module")
 def fsdp_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """MOVING never interrupted, FSDP on 2 processes: what every life of a moved snapshot continues."""
     run_dir = tmp_path_factory.mktemp("fsdp-reference") / "run"
-    reference = disttrain(*MOVING, *EMA, *FSDP, f"run_dir={run_dir}")
+    reference = disttrain(*MOVING, *EMA, *VALIDATE_ON_EMA, *FSDP, f"run_dir={run_dir}")
     assert reference.returncode == 0, reference.stderr[-3000:]
     return run_dir
 
 
-def test_hsdp_snapshot_killed_mid_epoch_resumes_on_1x4_then_2_then_1_process(
+def validation_loss(run_dir: Path, ema: bool) -> float:
+    """The held-out split's mean loss over its tokens, in this process, of the run's exported weights
+    (`disttrain export [--ema]`'s), in one batch: the model and data the run's config builds."""
+    from disttrain.data import training_splits
+    from disttrain.step import cross_entropy
+    from disttrain.worker import build, read_config
+
+    cfg = read_config(run_dir / "config.yaml")
+    model = build("model", cfg.model)
+    model.load_state_dict(final_weights(run_dir, ema))
+    _, held_out = training_splits(build("data", cfg.data), None, cfg.trainer, world_size=2)
+    samples = [held_out[i] for i in range(len(held_out))]
+    inputs, targets = torch.stack([x for x, _ in samples]), torch.stack([y for _, y in samples])
+    model.eval()
+    with torch.no_grad():
+        return cross_entropy(model(inputs), targets).item()
+
+
+def test_validation_under_fsdp_runs_on_the_ema_weights(fsdp_reference) -> None:
+    """Every rank swapped its shards of the average in (and back: the lives that never validate end on
+    the reference's weights, test_snapshots_move_between_fsdp_and_ddp_or_one_process)."""
+    (logged,) = [(r["step"], r["val_loss"]) for r in read_metrics(fsdp_reference) if "val_loss" in r]
+    assert logged[0] == 30
+    assert logged[1] == pytest.approx(validation_loss(fsdp_reference, ema=True), rel=1e-5)
+    assert logged[1] != pytest.approx(validation_loss(fsdp_reference, ema=False), rel=1e-3)
+
+
+def test_hsdp_snapshot_killed_mid_epoch_moves_to_1x4_2x2_2_and_1_process_and_exports(
     tmp_path, fsdp_reference
 ) -> None:
     # HSDP 2×2 (2 replicas of 2 shards), SIGKILLed mid-epoch; its DCP shards reshard into FSDP over 4
-    # processes (1×4), then 2 processes, then one: every step's loss that of the run never interrupted.
+    # processes (1×4), back into HSDP 2×2, then 2 processes, then one: every step's loss that of the run
+    # never interrupted. The HSDP life's snapshot exports as one full model.
     run_dir = tmp_path / "run"
-    hsdp = start(*MOVING, *FOUR, "strategy.replicate=2", "snapshot.every_steps=4", f"run_dir={run_dir}")
-    kill_at_step(hsdp, run_dir, 14)
-    lives = [
-        (FOUR, 18),  # 1×4
-        (FSDP, 24),
-        ([], 30),
-    ]
+    hsdp = [*FOUR, "strategy.replicate=2"]
+    started = start(*MOVING, *hsdp, "snapshot.every_steps=4", f"run_dir={run_dir}")
+    kill_at_step(started, run_dir, 14)
+    lives = [(FOUR, 18), (hsdp, 22), (FSDP, 26), ([], 30)]
     for overrides, until in lives:
         res = disttrain(*MOVING, *overrides, "snapshot.every_steps=4", f"trainer.max_steps={until}",
                         f"run_dir={run_dir}")  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
         assert "resumed from" in res.stderr
+        if overrides is hsdp:
+            name, state = exported_state(run_dir)
+            assert name == "step_00000022"
+            model = CharGPT(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
+            model.load_state_dict(state)
+            assert params_sha256(model) == summary(run_dir)["params_sha256"]
     got, expected = losses(run_dir), losses(fsdp_reference)
     assert [step for step, _ in got] == list(range(1, 31))  # contiguous: each life continues the last
     for (step, loss), (_, want) in zip(got, expected, strict=True):

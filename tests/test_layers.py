@@ -79,3 +79,20 @@ def test_every_module_imports_alone(path: Path) -> None:
     name = ".".join(filter(None, ["disttrain", module_name(path)]))
     res = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+TEST_MODULES = sorted((ROOT / "tests").rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", TEST_MODULES, ids=[str(p.relative_to(ROOT)) for p in TEST_MODULES])
+def test_no_test_module_imports_another(path: Path) -> None:
+    """What several test files share lives in tests/support.py, tests/callbacks.py or tests/conftest.py:
+    a test module importing another runs that module's fixtures and module-level work as a side effect."""
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    tests = [m for m in imported if m.split(".")[-1].startswith("test_") and m.startswith("tests")]
+    assert not tests, f"{path.relative_to(ROOT)} imports test modules: {tests}"

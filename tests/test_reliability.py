@@ -25,9 +25,19 @@ from disttrain.plot import main as plot_main
 from disttrain.snapshot import Snapshot, list_snapshots
 from tests.conftest import require
 from tests.reliability_targets import FlatTargets
-from tests.support import ROOT, SMALL, disttrain, gone, start, summary, wait_for_step
-from tests.test_config import NUMBERS
-from tests.test_launch import JOB as DDP_JOB
+from tests.support import JOB as DDP_JOB
+from tests.support import (
+    NUMBERS,
+    ROOT,
+    SMALL,
+    disttrain,
+    gone,
+    slow_writes,
+    slowed,
+    start,
+    summary,
+    wait_for_step,
+)
 
 REGRESSION = ["model=regression", "data=regression", "data.size=256", "trainer.num_threads=1"]
 
@@ -347,10 +357,11 @@ def assert_stopped_by_sighup(out: str, run_dir: Path) -> None:
 @pytest.mark.slow
 def test_sighup_stops_a_one_process_run_with_a_snapshot_of_its_step(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    job = start(*HUP_JOB, f"run_dir={run_dir}", DISTTRAIN_TEST_SLOW_WRITE="0.2")
+    job = start(*HUP_JOB, f"run_dir={run_dir}", **slow_writes(0.2, tmp_path / "slow_writes"))
     wait_for_step(job, run_dir, 30)
     os.kill(job.pid, signal.SIGHUP)  # the terminal closed
     out, _ = job.communicate(timeout=120)
+    assert slowed(tmp_path / "slow_writes"), "the snapshot writes were not slowed (tests/hooks)"
     assert job.returncode == 128 + signal.SIGHUP, out[-3000:]
     assert_stopped_by_sighup(out, run_dir)
 
@@ -359,10 +370,11 @@ def test_sighup_stops_a_one_process_run_with_a_snapshot_of_its_step(tmp_path) ->
 def test_sighup_to_the_torchrun_launcher_stops_every_worker_with_a_snapshot(tmp_path) -> None:
     run_dir = tmp_path / "run"
     job = start(*DDP_JOB, "launcher=torchrun", "launcher.nproc_per_node=2", f"run_dir={run_dir}",
-                DISTTRAIN_TEST_SLOW_WRITE="0.2")  # fmt: skip
+                **slow_writes(0.2, tmp_path / "slow_writes"))  # fmt: skip
     wait_for_step(job, run_dir, 30)
     os.kill(job.pid, signal.SIGHUP)  # the launcher alone: the ssh session that started it dropped
     out, _ = job.communicate(timeout=120)
+    assert slowed(tmp_path / "slow_writes"), "the snapshot writes were not slowed (tests/hooks)"
     assert job.returncode == 128 + signal.SIGHUP, out[-3000:]
     assert gone(run_dir, timeout=0) == []
     assert_stopped_by_sighup(out, run_dir)
@@ -376,11 +388,12 @@ def test_sighup_to_the_torchrun_launcher_stops_every_worker_with_a_snapshot(tmp_
 def test_a_snapshots_directory_made_read_only_mid_run_is_one_line_naming_the_path(tmp_path) -> None:
     run_dir = tmp_path / "run"
     snapshots = run_dir / "snapshots"
-    job = start(*HUP_JOB, f"run_dir={run_dir}", DISTTRAIN_TEST_SLOW_WRITE="0.1")
+    job = start(*HUP_JOB, f"run_dir={run_dir}", **slow_writes(0.1, tmp_path / "slow_writes"))
     deadline = time.monotonic() + 120
     while not (snapshots / "step_00000025").exists():  # committed: a newest good one to name
         assert job.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
+    assert slowed(tmp_path / "slow_writes"), "the snapshot writes were not slowed (tests/hooks)"
     made = subprocess.run(
         ["mount", "--bind", "-o", "ro", str(snapshots), str(snapshots)], capture_output=True
     )

@@ -23,6 +23,8 @@ from tests.support import (
     env,
     job_processes,
     python_api_fit,
+    slow_writes,
+    slowed,
     start,
     summary,
     tree_hashes,
@@ -31,9 +33,9 @@ from tests.support import (
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
-#: 450 steps, a snapshot every 50 whose commit takes 0.3 s more: a few seconds of run to catch.
+#: 450 steps, a snapshot every 50 (whose commit `slow_writes` makes 0.3 s longer: a few seconds of run to
+#: catch).
 JOB = [*SMALL, "snapshot.every_steps=50"]
-SLOW = {"DISTTRAIN_TEST_SLOW_WRITE": "0.3"}
 DDP = ["launcher=torchrun", "launcher.nproc_per_node=2"]
 
 
@@ -51,7 +53,8 @@ def refusal(run_dir: Path, pid: int) -> str:
 def test_a_second_job_on_a_run_dir_in_use_is_refused_and_touches_nothing(tmp_path, first) -> None:
     run_dir = tmp_path / "run"
     command = [*JOB, f"run_dir={run_dir}"]
-    job = start(*first, *command, **SLOW)
+    log = tmp_path / "slow_writes"
+    job = start(*first, *command, **slow_writes(0.3, log))
     wait_for_step(job, run_dir, 60)
     # Frozen, every process of it (torchrun's workers each lead a session of their own), so that any
     # change to its files could only come from the second job.
@@ -80,14 +83,15 @@ def test_a_second_job_on_a_run_dir_in_use_is_refused_and_touches_nothing(tmp_pat
     assert summary(run_dir)["steps"] == (226 if first else 450)
     for snap in list_snapshots(run_dir / "snapshots"):
         snap.verify()
+    assert slowed(log) >= 4  # every snapshot of the run, each 0.3 s longer
 
 
 def test_the_python_api_under_torchrun_holds_the_run_dir_on_rank_0(tmp_path) -> None:
     """`Trainer.fit()` under the user's own torchrun: rank 0 takes the lock, and a refusal reaches every
     rank (rank 1 would otherwise wait in its first collective until the timeout)."""
     run_dir = tmp_path / "run"
-    job = start(*JOB, f"run_dir={run_dir}", **SLOW)
-    wait_for_step(job, run_dir, 60)
+    job = start(*JOB, f"run_dir={run_dir}")
+    wait_for_step(job, run_dir, 60)  # of 450
     os.killpg(job.pid, signal.SIGSTOP)  # holding the run dir for as long as the test needs
     try:
         script = tmp_path / "fit.py"

@@ -411,8 +411,7 @@ def assert_resumed_like_the_reference(shard_reference, run_dir: Path, log: Path,
     """The resumed life (no loader workers: its log is in step order) read every step after the
     snapshot it resumed from as the reference did, and metrics.jsonl holds the reference's losses."""
     from tests.order import steps_read
-    from tests.support import summary
-    from tests.test_world_size import step_losses
+    from tests.support import step_losses, summary
 
     root, ref_steps = shard_reference
     again = steps_read(log, resumed_at + 1, 16, RUN_EPOCH)
@@ -448,8 +447,7 @@ def test_a_sharded_run_killed_inside_a_shard_resumes_on_another_number_of_proces
 
     from disttrain.snapshot import list_snapshots
     from tests.order import steps_read
-    from tests.support import disttrain, kill_at_step, start, summary
-    from tests.test_world_size import step_losses
+    from tests.support import disttrain, kill_at_step, start, step_losses, summary
 
     root, ref_steps = shard_reference
     job = shard_job(root)

@@ -97,12 +97,14 @@ def test_a_snapshot_being_written_is_not_a_snapshot_until_committed(tmp_path, mo
     store = SnapshotStore(tmp_path, ONE_PROCESS, keep_last=2)
     save(store, 1)
     seen: list = []
-    # Called inside the write of step 2, after its data files are complete and before the commit.
-    monkeypatch.setattr(
-        snapshot,
-        "_slow_write_for_tests",
-        lambda: seen.append((steps(tmp_path), sorted(p.name for p in store.dir.iterdir()))),
-    )
+    write_file = snapshot.write_file
+
+    def watched(path, *args, **kwargs):
+        if path.name == snapshot.MANIFEST:  # step 2's data files are complete, and its commit is next
+            seen.append((steps(tmp_path), sorted(p.name for p in store.dir.iterdir())))
+        return write_file(path, *args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "write_file", watched)
     save(store, 2)
     assert seen == [([1], [".step_00000002.partial", "step_00000001"])]
     assert steps(tmp_path) == [2, 1]
@@ -341,6 +343,7 @@ def test_a_dozen_sigkills_at_random_moments_lose_nothing(tmp_path) -> None:
     assert counts["snapshots_verified"] == 2  # keep_last=2, and inject() verified each
     # The kills did reach inside writes, and each life found and discarded what the last one left.
     assert counts["kills_inside_writes"] >= 1 and counts["unfinished_discarded"] >= 1
+    assert counts["slow_writes"] >= 1  # the hook (tests/hooks) slowed the killed lives' writes
 
 
 # ==== a full disk =====================================================================================

@@ -15,7 +15,7 @@ import pytest
 
 from disttrain.snapshot import Snapshot, list_snapshots
 from tests.support import JOB as DDP_JOB
-from tests.support import SMALL, disttrain, gone, losses, start, summary, wait_for_step
+from tests.support import SMALL, disttrain, gone, losses, slow_writes, slowed, start, summary, wait_for_step
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -61,10 +61,11 @@ def assert_snapshot_at(run_dir: Path, step: int) -> None:
 def test_a_stop_signal_stops_a_one_process_run_with_a_snapshot_of_its_step(tmp_path, reference, sig) -> None:
     run_dir = tmp_path / "run"
     command = [*JOB, f"run_dir={run_dir}"]
-    job = start(*command, DISTTRAIN_TEST_SLOW_WRITE="0.2")  # a few seconds of run to catch
+    job = start(*command, **slow_writes(0.2, tmp_path / "slow_writes"))  # a few seconds of run to catch
     wait_for_step(job, run_dir, 30)
     os.kill(job.pid, sig)  # Ctrl-C sends SIGINT to the terminal's process group: here, this process
     out, _ = job.communicate(timeout=120)
+    assert slowed(tmp_path / "slow_writes"), "the snapshot writes were not slowed (tests/hooks)"
     assert job.returncode == 128 + sig, out[-3000:]
     step = stopped_at(out, sig)
     assert 30 <= step < 225
@@ -85,12 +86,13 @@ def test_a_second_ctrl_c_stops_a_one_process_run_now_in_one_line(tmp_path, refer
     command = [*JOB, f"run_dir={run_dir}"]
     # Every snapshot commit takes 2 s more: the first Ctrl-C's snapshot is still being written (or the
     # one before it, which the training waits for) when the second comes.
-    job = start(*command, DISTTRAIN_TEST_SLOW_WRITE="2")
+    job = start(*command, **slow_writes(2, tmp_path / "slow_writes"))
     wait_for_step(job, run_dir, 30)
     os.kill(job.pid, signal.SIGINT)
     time.sleep(0.5)
     os.kill(job.pid, signal.SIGINT)
     out, _ = job.communicate(timeout=120)
+    assert slowed(tmp_path / "slow_writes"), "the snapshot writes were not slowed (tests/hooks)"
     assert job.returncode == 130, out[-3000:]
     newest = list_snapshots(run_dir / "snapshots")[0]
     assert out.strip().splitlines()[-1] == (
@@ -129,10 +131,11 @@ def test_sigterm_to_the_torchrun_launcher_stops_the_whole_job_with_a_snapshot(
 ) -> None:
     run_dir = tmp_path / "run"
     command = [*DDP_JOB, *DDP, f"run_dir={run_dir}"]
-    job = start(*command, DISTTRAIN_TEST_SLOW_WRITE="0.2")
+    job = start(*command, **slow_writes(0.2, tmp_path / "slow_writes"))
     wait_for_step(job, run_dir, 30)
     os.kill(job.pid, signal.SIGTERM)  # the launcher alone, as `kill PID` or a scheduler does
     out, _ = job.communicate(timeout=120)
+    assert slowed(tmp_path / "slow_writes"), "the snapshot writes were not slowed (tests/hooks)"
     assert job.returncode == 143, out[-3000:]
     assert gone(run_dir, timeout=0) == []  # torchrun and both workers ended before the launcher
     step = stopped_at(out, signal.SIGTERM)
@@ -149,7 +152,7 @@ def test_sigterm_to_the_torchrun_launcher_stops_the_whole_job_with_a_snapshot(
 
 def test_a_second_ctrl_c_to_the_torchrun_launcher_kills_the_job_now(tmp_path) -> None:
     run_dir = tmp_path / "run"
-    job = start(*DDP_JOB, *DDP, f"run_dir={run_dir}", DISTTRAIN_TEST_SLOW_WRITE="2")
+    job = start(*DDP_JOB, *DDP, f"run_dir={run_dir}", **slow_writes(2, tmp_path / "slow_writes"))
     deadline = time.monotonic() + 120
     while not (run_dir / "snapshots" / "step_00000050").exists():  # one committed: a newest to name
         assert job.poll() is None and time.monotonic() < deadline
@@ -158,6 +161,7 @@ def test_a_second_ctrl_c_to_the_torchrun_launcher_kills_the_job_now(tmp_path) ->
     time.sleep(0.5)
     os.kill(job.pid, signal.SIGINT)
     out, _ = job.communicate(timeout=120)
+    assert slowed(tmp_path / "slow_writes"), "the snapshot writes were not slowed (tests/hooks)"
     assert job.returncode == 130, out[-3000:]
     assert gone(run_dir, timeout=0) == []
     newest = list_snapshots(run_dir / "snapshots")[0]

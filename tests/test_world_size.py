@@ -4,7 +4,6 @@ grouping, and weights within fp32 reduction tolerance of the uninterrupted run."
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -18,7 +17,17 @@ import torch
 from disttrain.snapshot import list_snapshots
 from tests.clusters.netns import TwoHosts
 from tests.order import steps_read
-from tests.support import ROOT, disttrain, env, kill_at_step, last_step, start, summary, tree_hashes
+from tests.support import (
+    ROOT,
+    disttrain,
+    env,
+    kill_at_step,
+    last_step,
+    start,
+    step_losses,
+    summary,
+    tree_hashes,
+)
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -67,12 +76,6 @@ def assert_continues_like(reference, run_dir: Path, lives: list[tuple[Path, int]
     assert steps == list(range(1, STEPS + 1))  # metrics.jsonl: every step once, in order
     # The logged loss is the window's mean on all ranks: the same curve whatever the world size.
     assert losses == pytest.approx(step_losses(ref_dir)[1], rel=1e-5)
-
-
-def step_losses(run_dir: Path) -> tuple[list[int], list[float]]:
-    """metrics.jsonl's training lines: their steps and losses, in the file's order."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r]
 
 
 #: A chain of lives, each on another number of processes: (world size, the step it stops at; None:
