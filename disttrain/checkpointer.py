@@ -25,6 +25,7 @@ from disttrain.precision import Precision
 from disttrain.run_state import Counters, derived_seed, rng_state, seed_everything, set_rng_state
 from disttrain.snapshot import DCP_DIR, Snapshot, SnapshotError, SnapshotStore
 from disttrain.strategy import FSDPStrategy, Strategy
+from disttrain.streams import StreamLoader
 
 log = logging.getLogger("disttrain")
 
@@ -74,9 +75,11 @@ class Checkpointer:
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         state: RunState,
+        stream: StreamLoader | None = None,
     ) -> None:
-        """`model` is the module as the strategy runs it, `module` the user's (a plain snapshot's)."""
-        self.cfg, self.env, self.strategy = cfg, env, strategy
+        """`model` is the module as the strategy runs it, `module` the user's (a plain snapshot's);
+        `stream` a user's IterableDataset, whose loader state is each rank's (disttrain.streams)."""
+        self.cfg, self.env, self.strategy, self.stream = cfg, env, strategy, stream
         self.model, self.module, self.optimizer, self.state = model, module, optimizer, state
         self.snapshots = SnapshotStore(Path(cfg.run_dir), env, cfg.snapshot.keep_last)
         self.step: int | None = None
@@ -115,7 +118,10 @@ class Checkpointer:
         # The snapshot writes `own` after this returns, while training goes on: nothing in it may be
         # an object training changes (rng_state() is new).
         own = {"rng": rng_state()}
+        if self.stream is not None:
+            own["stream"] = self.stream.state_dict()
         meta = {"epoch": c.epoch, "config": to_dict(self.cfg), "optimizer": class_name(self.optimizer)}
+        meta["samples_in_epoch"] = c.samples_in_epoch  # (a stream's resume is checked before a job starts)
         self.snapshots.save(c.step, shared if self.env.is_main else {}, own, meta, write_sharded)
         self.step = c.step
 
@@ -146,8 +152,13 @@ class Checkpointer:
         if "samples_in_epoch" not in shared["counters"]:  # a snapshot from before the global position
             batch = snap.manifest["config"]["trainer"]["batch_size"]
             counters.samples_in_epoch = shared["counters"]["batches_in_epoch"] * written_by * batch
+        own = snap.load_rank(self.env.rank) if written_by == self.env.world_size else {}
+        if self.stream is not None:  # (mid-epoch: restored, continued from the position, or refused)
+            workers = snap.manifest["config"]["trainer"].get("num_workers", 0)
+            position = (own.get("stream"), counters.epoch, counters.samples_in_epoch)
+            self.stream.resume(*position, written_by, workers)
         if written_by == self.env.world_size:
-            self._rng = snap.load_rank(self.env.rank)["rng"]
+            self._rng = own["rng"]
         else:
             # A rank's RNG belongs to the world size that wrote it: each rank now draws from a stream
             # derived from (seed, step, rank), the same every time this resume runs.

@@ -1,7 +1,7 @@
 """Built-in datasets, the sampler that starts an epoch anywhere, and the loaders.
 
-Every dataset is map-style and deterministic: built from a seed or a file, never downloaded. A dataset
-may declare `loss = "cross_entropy"` or `"mse"`; `trainer.loss=auto` takes it.
+Every built-in dataset is map-style and deterministic: built from a seed or a file, never downloaded. A
+dataset may declare `loss = "cross_entropy"` or `"mse"`; `trainer.loss=auto` takes it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler, Subset, default_collate
+from torch.utils.data import Dataset, IterableDataset, Sampler, Subset, default_collate
 
 from disttrain.config import ConfigError, TrainerConfig, accumulate_for
 
@@ -301,7 +301,10 @@ def training_splits(
     of `dataset` held out (contiguous, so no sample leaks across). Refused in one line (ConfigError)
     when a split is too small to use: an empty dataset would never end an epoch, a training split
     smaller than one optimizer step would never make a whole one, and a held-out share that rounds to
-    no sample would silently turn validation off."""
+    no sample would silently turn validation off. An IterableDataset (disttrain.streams) is checked by
+    stream_splits."""
+    if isinstance(dataset, IterableDataset):
+        return stream_splits(dataset, val_dataset, trainer)
     n = _length("data", dataset)
     if n == 0:
         raise ConfigError("data: the dataset has no samples")
@@ -314,7 +317,11 @@ def training_splits(
             )
         val_dataset = Subset(dataset, range(n - n_val, n))
         dataset = Subset(dataset, range(n - n_val))
-    elif val_dataset is not None and _length("val_dataset", val_dataset) == 0:
+    elif (
+        val_dataset is not None
+        and not isinstance(val_dataset, IterableDataset)
+        and not _length("val_dataset", val_dataset)
+    ):
         raise ConfigError("val_dataset: has no samples")
     accumulate = accumulate_for(trainer, world_size)
     step = world_size * trainer.batch_size * accumulate
@@ -323,6 +330,28 @@ def training_splits(
             f"data: the training split has {n_train} samples, fewer than one optimizer step takes "
             f"({world_size} process{'es' if world_size > 1 else ''} × trainer.batch_size "
             f"{trainer.batch_size} × trainer.accumulate {accumulate} = {step})"
+        )
+    return dataset, val_dataset
+
+
+def stream_splits(
+    dataset: IterableDataset, val_dataset: Dataset | None, trainer: TrainerConfig
+) -> tuple[Dataset, Dataset | None]:
+    """A user's own IterableDataset trains as it is: no share of a stream can be held out for validation,
+    and without len() nothing says how many steps an epoch has, which the learning-rate schedule needs
+    (trainer.max_steps gives its length)."""
+    name = type(dataset).__name__
+    if val_dataset is None and trainer.val_fraction:
+        raise ConfigError(
+            f"trainer.val_fraction={trainer.val_fraction!r}: {name} is an IterableDataset, of which no "
+            "share can be held out; pass val_dataset= (a stream or a map-style dataset), or set "
+            "trainer.val_fraction=0"
+        )
+    if not trainer.max_steps and not isinstance(dataset, Sized):
+        raise ConfigError(
+            f"trainer.max_steps=0: {name} is an IterableDataset without len(), so nothing gives the "
+            "learning-rate schedule its length; set trainer.max_steps (the run ends there or at "
+            "trainer.max_epochs), or give it __len__ (this rank's samples of an epoch)"
         )
     return dataset, val_dataset
 
@@ -341,7 +370,8 @@ def _length(key: str, dataset: Dataset) -> int:
     if not isinstance(dataset, Sized):
         raise ConfigError(
             f"{key}: {type(dataset).__name__} has no len(); the Trainer needs a map-style dataset "
-            "(__len__ and __getitem__; records in JSONL or Parquet files: disttrain.shards.Shards)"
+            "(__len__ and __getitem__; records in JSONL or Parquet files: disttrain.shards.Shards) or a "
+            "torch.utils.data.IterableDataset"
         )
     return len(dataset)
 

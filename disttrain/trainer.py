@@ -46,7 +46,14 @@ from disttrain.config import (
     checked,
     resolve_strategy,
 )
-from disttrain.data import make_loader, one_sample_micro_batches, training_splits
+from disttrain.data import (
+    EpochSampler,
+    InProcessLoader,
+    WorkerLoader,
+    make_loader,
+    one_sample_micro_batches,
+    training_splits,
+)
 from disttrain.dist import DistEnv, placement, setup_distributed, teardown
 from disttrain.early_stopping import EarlyStopping
 from disttrain.loggers import with_config_loggers
@@ -58,6 +65,7 @@ from disttrain.snapshot import RunFileError, SnapshotError, step_dir_name
 from disttrain.step import DefaultStep, Step, callable_name, collate
 from disttrain.stop_agreement import StopAgreement
 from disttrain.strategy import check_built, compiler_missing, make_strategy
+from disttrain.streams import StreamLoader, is_stream, stream_loader
 from disttrain.training_step import TrainingStep
 from disttrain.validation import Validator
 
@@ -194,7 +202,8 @@ class Trainer:
             cfg.step = {"_target_": callable_name(step)}  # what a resume compares
         step = step or DefaultStep(model, loss, loss_fn, getattr(dataset, "loss_items", "targets"))
         dataset, val_dataset = training_splits(dataset, val_dataset, t, world_size)
-        check_tail_for_batchnorm(model, len(dataset), t, world_size)  # type: ignore[arg-type]
+        if not is_stream(dataset):  # (a stream's tail is known only as it runs)
+            check_tail_for_batchnorm(model, len(dataset), t, world_size)  # type: ignore[arg-type]
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
 
@@ -211,18 +220,29 @@ class Trainer:
         accumulate = accumulate_for(t, env.world_size)
         #: Samples of one optimizer step on all ranks, and of one epoch (a multiple of it with drop_last).
         self.global_batch = env.world_size * t.batch_size * accumulate
-        n = len(dataset)  # type: ignore[arg-type]
-        self.epoch_samples = n - n % self.global_batch if t.drop_last else n
-        self.sampler = self.strategy.sampler(dataset, t.shuffle, seed=t.seed, length=self.epoch_samples)
         loading = (t.batch_size, t.num_workers, env.device.type == "cuda", collate_fn or collate)
-        self.loader = make_loader(dataset, self.sampler, *loading)
-        self.val_loader = None
-        if val_dataset is not None:
+        #: A user's IterableDataset (disttrain.streams): its windows, their size agreed by the ranks.
+        self.stream: StreamLoader | None = None
+        self.loader: InProcessLoader | WorkerLoader
+        self.sampler: EpochSampler | None = None
+        if is_stream(dataset):
+            self.stream = StreamLoader(dataset, env, accumulate, *loading, drop_last=t.drop_last)  # type: ignore[arg-type]
+            self.loader, self.epoch_samples = self.stream.loader, 0
+            steps_per_epoch = self.stream.steps_per_epoch()  # 0: unknown (trainer.max_steps ends the run)
+        else:
+            n = len(dataset)  # type: ignore[arg-type]
+            self.epoch_samples = n - n % self.global_batch if t.drop_last else n
+            self.sampler = self.strategy.sampler(dataset, t.shuffle, seed=t.seed, length=self.epoch_samples)
+            self.loader = make_loader(dataset, self.sampler, *loading)
+            steps_per_epoch = math.ceil(self.epoch_samples / self.global_batch)
+        self.val_loader: InProcessLoader | WorkerLoader | None = None
+        if is_stream(val_dataset):
+            self.val_loader = stream_loader(val_dataset, *loading)  # type: ignore[arg-type]
+        elif val_dataset is not None:
             val_sampler = self.strategy.sampler(val_dataset, shuffle=False, seed=t.seed, pad=True)
             self.val_loader = make_loader(val_dataset, val_sampler, *loading)
-        steps_per_epoch = math.ceil(self.epoch_samples / self.global_batch)
         total_steps = t.max_epochs * steps_per_epoch
-        self.total_steps = min(total_steps, t.max_steps) if t.max_steps else total_steps
+        self.total_steps = min(total_steps or t.max_steps, t.max_steps) if t.max_steps else total_steps
         self.scheduler = scheduler or make_scheduler(cfg.optim, optimizer, self.total_steps)
         self.accumulate = accumulate
 
@@ -248,7 +268,9 @@ class Trainer:
         )
         self.stop = StopAgreement(env)
         state = RunState(self.counters, self.scheduler, self.precision, self.callbacks)
-        self.checkpointer = Checkpointer(cfg, env, self.strategy, self.model, self.module, optimizer, state)
+        self.checkpointer = Checkpointer(
+            cfg, env, self.strategy, self.model, self.module, optimizer, state, self.stream
+        )
         self.snapshots = self.checkpointer.snapshots
         self._stop_reason = ""
         self._fitted = False
@@ -373,36 +395,45 @@ class Trainer:
         return summary
 
     def _run_epoch(self) -> None:
-        c, k, world = self.counters, self.accumulate, self.env.world_size
-        # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
-        # Mid-epoch (after a resume) the sampler starts at this rank's share of the samples consumed:
-        # rank r's i-th sample is the (r + i·world)-th of the epoch's one permutation, whatever world is.
-        self.sampler.set_epoch(c.epoch, start=c.samples_in_epoch // world)
-        # The loader draws its workers' seed from its own generator, not the global RNG, so a restored
-        # RNG is the one the first life had, before or after iter().
-        self.loader.generator = torch.Generator().manual_seed(self.cfg.trainer.seed + c.epoch)
+        c, k, world, stream = self.counters, self.accumulate, self.env.world_size, self.stream
+        if self.sampler is not None:
+            # Before the iterator exists: with workers, a late set_epoch would replay the previous order.
+            # Mid-epoch (after a resume) the sampler starts at this rank's share of the samples consumed:
+            # rank r's i-th sample is the (r + i·world)-th of the epoch's one permutation, whatever world is.
+            self.sampler.set_epoch(c.epoch, start=c.samples_in_epoch // world)
+            # The loader draws its workers' seed from its own generator, not the global RNG, so a restored
+            # RNG is the one the first life had, before or after iter().
+            self.loader.generator = torch.Generator().manual_seed(self.cfg.trainer.seed + c.epoch)
         self.checkpointer.restore_rng()
         self.callbacks.fire("on_epoch_start", self.run_view)
-        batches = iter(self.loader)
+        if stream is not None:
+            stream.start_epoch(c.epoch, self.cfg.trainer.seed + c.epoch)
+        batches = iter(self.loader) if stream is None else iter(())
         n, whole = self.epoch_samples, self.global_batch
         t = self.cfg.trainer
         self.reporter.epoch_loss, epoch_steps, epoch_start = 0.0, 0, time.perf_counter()
-        while c.samples_in_epoch < n:
+        while c.samples_in_epoch < n or stream is not None:
             tick = time.perf_counter()
-            size = min(whole, n - c.samples_in_epoch)  # the window's samples on all ranks
-            if size == whole:
-                window = [next(batches)] if k == 1 else list(itertools.islice(batches, k))
-            else:  # the epoch's last window: this rank's part of what is left, maybe nothing
-                mine = self.training_step.micro_batches(size, self.env.rank)
-                window = list(itertools.islice(batches, mine))
+            micro, last = None, False
+            if stream is not None:  # the window's size is known once the ranks have pulled theirs
+                window, size, micro, last = stream.pull()
+                if not size:
+                    return self._end_epoch_after_its_last_step(epoch_steps, epoch_start)
+            else:
+                size = min(whole, n - c.samples_in_epoch)  # the window's samples on all ranks
+                if size == whole:
+                    window = [next(batches)] if k == 1 else list(itertools.islice(batches, k))
+                else:  # the epoch's last window: this rank's part of what is left, maybe nothing
+                    mine = self.training_step.micro_batches(size, self.env.rank)
+                    window = list(itertools.islice(batches, mine))
             data_time = time.perf_counter() - tick
-            result = self.training_step(window, size)
+            result = self.training_step(window, size, micro)
             c.step += 1
             if t.compile and self._compile_check_step == c.step:
                 self._say_how_compile_went()
             c.samples_in_epoch += size
             epoch_steps += 1
-            epoch_done = c.samples_in_epoch == n
+            epoch_done = last if stream is not None else c.samples_in_epoch == n
             log_line = epoch_done or c.step % t.log_every_steps == 0
             self.reporter.log_step(result, data_time, time.perf_counter() - tick, log_line)
             if self._on_step_end:
@@ -426,6 +457,25 @@ class Trainer:
                 self.callbacks.fire("on_epoch_end", self.run_view)
             if stopping or epoch_done:
                 return
+
+    def _end_epoch_after_its_last_step(self, epoch_steps: int, epoch_start: float) -> None:
+        """Every rank's stream ended on a window's boundary, seen one pull after the epoch's last step:
+        the epoch's end without a step (validation, a snapshot unless the step has one, on_epoch_end)."""
+        c = self.counters
+        if not c.samples_in_epoch:  # (else every epoch would end at once, training nothing)
+            assert self.stream is not None
+            raise ConfigError(f"data: {self.stream.name} yields no sample in epoch {c.epoch}, on any rank")
+        c.epoch, c.samples_in_epoch = c.epoch + 1, 0
+        self._validate()
+        self._should_stop()
+        if self.checkpointer.step != c.step:
+            self._save_snapshot()
+        if epoch_steps:
+            seconds = time.perf_counter() - epoch_start
+            self.reporter.epoch_line(
+                epoch_steps, epoch_steps * self.global_batch, seconds, self.validator is not None
+            )
+        self.callbacks.fire("on_epoch_end", self.run_view)
 
     def _validate(self) -> None:
         if self.validator is None:

@@ -45,6 +45,7 @@ from disttrain.step import (
     to_device,
 )
 from disttrain.strategy import Strategy
+from disttrain.streams import first_batch, is_stream
 
 log = logging.getLogger("disttrain")
 
@@ -98,10 +99,11 @@ class TrainingStep:
         world, batch_size = self.env.world_size, self.cfg.trainer.batch_size
         return -(-max(0, -(-(size - rank) // world)) // batch_size)
 
-    def __call__(self, window: list[Any], size: int) -> StepResult:
+    def __call__(self, window: list[Any], size: int, micro: int | None = None) -> StepResult:
         world = self.env.world_size
         samples = list(map(num_samples, window))
-        micro = self.accumulate if size == self.global_batch else self.micro_batches(size, 0)
+        if micro is None:  # (a stream's window says it: disttrain.streams)
+            micro = self.accumulate if size == self.global_batch else self.micro_batches(size, 0)
         if len(window) < micro:
             window = window + [self._filler(window)] * (micro - len(window))
             samples += [0] * (micro - len(samples))
@@ -151,9 +153,11 @@ class TrainingStep:
         """A micro-batch for a rank that holds fewer than rank 0 in an epoch's last window, weighted by
         zero (its gradient adds exactly nothing): this rank's latest batch again, whole (a BatchNorm
         could not train on one sample of it). Only a rank resumed right into that window, holding none
-        of it, reads a batch of the dataset's first samples."""
+        of it, reads a batch of the dataset's first samples (a stream's: disttrain.streams.first_batch)."""
         if window:
             return window[-1]
+        if self._spare is None and is_stream(self.loader.dataset):
+            self._spare = first_batch(self.loader)
         if self._spare is None:
             first = [self.loader.dataset[i] for i in range(self.cfg.trainer.batch_size)]
             self._spare = self.loader.collate_fn(first)

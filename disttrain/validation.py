@@ -3,7 +3,7 @@ extra metrics as means over the same items."""
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from disttrain.metrics import ItemMeans
 from disttrain.precision import Precision
 from disttrain.run_state import Counters
 from disttrain.step import Step, as_step_output, num_samples, take, to_device
+from disttrain.streams import is_stream, val_batches
 
 
 class Validator:
@@ -43,17 +44,11 @@ class Validator:
         with repeated samples; those positions (global index >= the split's length) are cut from the
         batch, so they never count."""
         c, world, device = self.counters, self.env.world_size, self.env.device
-        val_split = self.loader.dataset
-        assert isinstance(val_split, Sized)  # training_splits refused a split without len()
-        n_real = len(val_split)
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # sum of loss × items, items
         means = ItemMeans()
         self.callbacks.fire("on_validation_start", self.run_view)
         self.model.eval()
-        for j, batch in enumerate(self.loader):
-            # Rank r's k-th sample of batch j sits at global position r + world·(j·batch_size + k).
-            first = self.env.rank + world * j * self.batch_size
-            real = min(num_samples(batch), max(0, -(-(n_real - first) // world)))
+        for batch, real in self._batches():
             # A batch of padding only still runs (FSDP's ranks must all call forward), weighted by 0.
             batch = to_device(take(batch, max(real, 1)), device)
             with self.precision.autocast():
@@ -73,3 +68,18 @@ class Validator:
         record = {"step": c.step, "epoch": c.epoch, "val_loss": c.last_val_loss}
         record.update({f"val_{name}": value for name, value in means.read(world).items()})
         return record
+
+    def _batches(self) -> Iterator[tuple[Any, int]]:
+        """The batches with their real samples (the rest is padding): a stream's (each rank its own,
+        disttrain.streams.val_batches), or the padded sampler's, whose positions past the split's
+        length are repeats."""
+        if is_stream(self.loader.dataset):
+            yield from val_batches(self.loader, self.env)
+            return
+        world, val_split = self.env.world_size, self.loader.dataset
+        assert isinstance(val_split, Sized)  # training_splits refused a split without len()
+        n_real = len(val_split)
+        for j, batch in enumerate(self.loader):
+            # Rank r's k-th sample of batch j sits at global position r + world·(j·batch_size + k).
+            first = self.env.rank + world * j * self.batch_size
+            yield batch, min(num_samples(batch), max(0, -(-(n_real - first) // world)))

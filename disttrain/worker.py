@@ -23,7 +23,7 @@ import torch.distributed as dist
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from disttrain import runlock
 from disttrain.callbacks import CallbackError
@@ -37,8 +37,9 @@ from disttrain.config import (
 )
 from disttrain.data import one_sample_micro_batches, training_splits
 from disttrain.dist import distributed, placement
-from disttrain.snapshot import SnapshotError, freeze_config, newest_snapshot
+from disttrain.snapshot import SnapshotError, freeze_config, latest_manifest, newest_snapshot
 from disttrain.strategy import build_model
+from disttrain.streams import check_reshard
 from disttrain.trainer import Trainer, check_model, check_tail_for_batchnorm, make_optimizer
 
 log = logging.getLogger("disttrain")
@@ -123,13 +124,26 @@ def build_dataset(cfg: TrainConfig, world_size: int) -> Dataset:
     `world_size` processes: what a launcher checks before any process or run file exists."""
     dataset = build("data", cfg.data)
     train_split, _ = training_splits(dataset, None, cfg.trainer, world_size)
-    if one_sample_micro_batches(len(train_split), cfg.trainer, world_size):  # type: ignore[arg-type]
+    streaming = isinstance(train_split, IterableDataset)  # (its tail is known only as it runs)
+    if streaming:
+        check_stream_resume(train_split, cfg, world_size)
+    if not streaming and one_sample_micro_batches(len(train_split), cfg.trainer, world_size):  # type: ignore[arg-type]
         # Rare enough to build the model for (on the meta device: no memory, no weights) to look for
         # a BatchNorm, which could not train on that micro-batch.
         with torch.device("meta"):
             model = build("model", cfg.model)
         check_tail_for_batchnorm(model, len(train_split), cfg.trainer, world_size)  # type: ignore[arg-type]
     return dataset
+
+
+def check_stream_resume(dataset: Dataset, cfg: TrainConfig, world_size: int) -> None:
+    """A stream stopped mid-epoch, resumed on a shape it cannot continue on: refused here, before any
+    process starts (each worker would refuse it, in torchrun's many-line report)."""
+    manifest = latest_manifest(Path(cfg.run_dir))
+    if manifest is None or not manifest.get("samples_in_epoch"):
+        return
+    then = (int(manifest["world_size"]), int(manifest["config"]["trainer"].get("num_workers", 0)))
+    check_reshard(dataset, then, (world_size, cfg.trainer.num_workers))
 
 
 def check_blocks(cfg: TrainConfig, world_size: int = 1) -> None:

@@ -74,6 +74,7 @@ SHARED_BY: dict[str, str | None] = {
     "fsdp_reference": None,
     "two_runs": None,
     "finished_run": None,
+    "stream_lives": None,
     "venv": None,
 }
 

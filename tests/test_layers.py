@@ -17,7 +17,7 @@ from tests.support import ROOT
 LAYERS = [
     ["config"],
     ["dist"],
-    ["data", "shards", "models", "step"],
+    ["data", "shards", "streams", "models", "step"],
     ["strategy", "precision"],
     ["sharded", "snapshot"],
     ["runlock", "health", "metrics", "progress", "run_state"],
