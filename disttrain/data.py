@@ -473,6 +473,19 @@ def make_loader(
     epoch starts is the sampler's business (EpochSampler.set_epoch), so both resume alike."""
     if not num_workers and not pin:
         return InProcessLoader(dataset, sampler, batch_size, collate_fn)
+    return worker_loader(dataset, sampler, batch_size, num_workers, pin, collate_fn)
+
+
+def worker_loader(
+    dataset: Dataset,
+    sampler: Sampler[int] | None,
+    batch_size: int,
+    num_workers: int,
+    pin: bool,
+    collate_fn: Callable[[list[Any]], Any] | None,
+) -> WorkerLoader:
+    """torchdata's StatefulDataLoader as disttrain runs it: no batch dropped (the Trainer sizes the
+    epoch's last step itself), workers started anew every epoch (set_epoch reaches them)."""
     return WorkerLoader(
         dataset,
         batch_size=batch_size,

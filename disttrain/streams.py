@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset
 
 from disttrain.config import ConfigError
-from disttrain.data import WorkerLoader
+from disttrain.data import WorkerLoader, worker_loader
 from disttrain.dist import DistEnv
 from disttrain.step import num_samples
 
@@ -64,15 +64,7 @@ def stream_loader(
     """torchdata's StatefulDataLoader over a stream. snapshot_every_n_steps=1 (its default): every batch
     carries its worker's state, so the state at a step boundary is that of exactly the batches the steps
     consumed, however far the workers read ahead."""
-    return WorkerLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        pin_memory=pin,
-        drop_last=False,
-        persistent_workers=False,
-    )
+    return worker_loader(dataset, None, batch_size, num_workers, pin, collate_fn)
 
 
 class Window(NamedTuple):
