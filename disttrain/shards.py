@@ -6,6 +6,9 @@ records of each in file order. An index gives every shard its record count (Parq
 one pass that records each line's byte offset; tar: one pass over the member headers that records each
 sample's members' offsets and sizes; both kept in small cache files keyed by the shard's URL, size and
 modification time), so a sample is read by seeking to it, never by reading the shards before it.
+Token samples (no `decode`) are decoded once per shard, the first time any process reads it, into a
+token cache beside the index (each record's first context + 1 ids, memory-mapped): every later read, by
+any rank, worker or run, is then a gather, as a map-style dataset's is, and nothing is decoded again.
 The epoch's order (`epoch_order`) is a permutation of the global ids drawn from (seed, epoch) alone:
 the shards shuffled, then the records of each run of `shuffle_window` consecutive shards of that order
 shuffled among themselves. It depends on neither the number of processes nor the loader workers, and the
@@ -15,6 +18,7 @@ Trainer's sampler hands rank r `order[r::W]` of it, so reads stay within a windo
 from __future__ import annotations
 
 import collections
+import errno
 import glob
 import hashlib
 import io
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 from torch.utils.data import Dataset
 
@@ -133,14 +138,17 @@ class Shards(Dataset):
         #: (n × members × (offset, size)), their extensions in `_members`; None for Parquet.
         self._offsets: list[np.ndarray | None] = []
         self._members: list[list[str]] = []
-        counts = []
+        #: Per shard, (size, modification time) when it was indexed: a shard must not change under a run.
+        self._stamps: list[tuple[int, str]] = []
+        counts: list[int] = []
         for url, fmt in zip(self.urls, self.formats, strict=True):
+            self._stamps.append(self._stamp(url))
             members: list[str] = []
             if fmt == "jsonl":
-                offsets = self._jsonl_index(url)
+                offsets = self._jsonl_index(len(counts))
                 counts.append(len(offsets) - 1)
             elif fmt == "tar":
-                offsets, members = self._tar_index(url)
+                offsets, members = self._tar_index(len(counts))
                 counts.append(len(offsets))
             else:
                 offsets = None
@@ -149,22 +157,31 @@ class Shards(Dataset):
             self._members.append(members)
         #: Global id i is record i - starts[s] of shard s, s the last shard whose start <= i.
         self.starts = np.cumsum([0, *counts])
+        #: Open shards (their files, or a Parquet shard's column), at most `open_shards`, the least
+        #: recently used closed first; and the token cache, memory-mapped (`_token_cache`).
         self._open: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._cache: np.ndarray | None = None
+        #: (shard, offset, bytes) read at once while a tar chunk is decoded.
+        self._span: tuple[int, int, bytes] | None = None
         self._pid = os.getpid()
 
     # -- the index ---------------------------------------------------------------------------------
 
-    def _index_file(self, url: str, kind: str) -> tuple[Path, int]:
-        """The cache file of shard `url`'s index (keyed by its URL, size and modification time: a
-        changed shard is indexed again), and the shard's size."""
+    def _stamp(self, url: str) -> tuple[int, str]:
+        """Shard `url`'s size and modification time (or what its file system has instead)."""
         fs, inner = _filesystem(url)
         try:
             info = fs.info(inner)
         except OSError as e:
             raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
-        stamp = f"{url}\0{info.get('size')}\0{info.get('mtime', info.get('created', info.get('ETag')))}"
-        name = hashlib.sha256(stamp.encode()).hexdigest()[:32]
-        return self.index_dir / f"{name}{kind}.npy", int(info.get("size") or 0)
+        return int(info.get("size") or 0), str(info.get("mtime", info.get("created", info.get("ETag"))))
+
+    def _index_file(self, s: int, kind: str, key: str = "") -> Path:
+        """The cache file of shard s's index or token cache (`kind`), keyed by its URL, size and
+        modification time when it was indexed (a changed shard is indexed again) and `key`."""
+        size, mtime = self._stamps[s]
+        stamp = f"{self.urls[s]}\0{size}\0{mtime}\0{key}"
+        return self.index_dir / f"{hashlib.sha256(stamp.encode()).hexdigest()[:32]}{kind}.npy"
 
     def _save_index(self, cached: Path, index: np.ndarray) -> None:
         self.index_dir.mkdir(parents=True, exist_ok=True)
@@ -173,9 +190,10 @@ class Shards(Dataset):
             np.save(out, index)
         os.replace(partial, cached)  # another rank may write the same index at once: whole or absent
 
-    def _jsonl_index(self, url: str) -> np.ndarray:
+    def _jsonl_index(self, s: int) -> np.ndarray:
+        url = self.urls[s]
         fs, inner = _filesystem(url)
-        cached, _ = self._index_file(url, "")
+        cached = self._index_file(s, "")
         if cached.is_file():
             return np.load(cached, mmap_mode="r")
         offsets, last = [0], b""
@@ -202,16 +220,17 @@ class Shards(Dataset):
         self._save_index(cached, index)
         return index
 
-    def _tar_index(self, url: str) -> tuple[np.ndarray, list[str]]:
+    def _tar_index(self, s: int) -> tuple[np.ndarray, list[str]]:
         """A tar shard's samples: per sample, the (offset, size) of each member, the members in the order
         of their sorted extensions (returned too, and kept in a sidecar file next to the index); for
         token samples, the members must hold the tokens."""
-        cached, size = self._index_file(url, ".tar")
+        url = self.urls[s]
+        cached = self._index_file(s, ".tar")
         sidecar = cached.with_suffix(".json")
         if cached.is_file() and sidecar.is_file():
             index, members = np.load(cached, mmap_mode="r"), json.loads(sidecar.read_text())
         else:
-            index, members = self._scan_tar(url, cached, size, sidecar)
+            index, members = self._scan_tar(url, cached, self._stamps[s][0], sidecar)
         if self.decode is None and members and not {f"{self.field}.npy", "json"} & set(members):
             raise ConfigError(
                 f"data.field={self.field!r}: shard {url} has no KEY.{self.field}.npy nor KEY.json member "
@@ -333,16 +352,20 @@ class Shards(Dataset):
         return int(self.starts[-1])
 
     def __getstate__(self) -> dict[str, Any]:
-        # A loader worker opens its own shards: open files do not travel to it.
+        # A loader worker opens its own shards and maps the cache itself: open files do not travel.
         state = self.__dict__.copy()
-        state["_open"] = collections.OrderedDict()
+        state["_open"], state["_cache"] = collections.OrderedDict(), None
         return state
 
-    def _shard(self, s: int) -> Any:
-        """Shard s, open (JSONL: its file; Parquet: its column, decoded), the least recently used closed."""
+    def _this_process(self) -> None:
         if self._pid != os.getpid():
             # A forked loader worker shares its parent's file offsets: seeking one would move the other's.
-            self._open, self._pid = collections.OrderedDict(), os.getpid()
+            self._open, self._cache, self._pid = collections.OrderedDict(), None, os.getpid()
+
+    def _shard(self, s: int) -> Any:
+        """Shard s, open: a JSONL or tar shard's file; a Parquet shard's rows (with `decode`) or its
+        `field` column."""
+        self._this_process()
         if s in self._open:
             self._open.move_to_end(s)
             return self._open[s]
@@ -356,9 +379,7 @@ class Shards(Dataset):
 
                 with fs.open(inner, "rb") as f:
                     table = pq.read_table(f, columns=None if self.decode else [self.field])
-                handle = table.to_pylist() if self.decode else self._token_rows(table.column(0), url)
-        except ConfigError:
-            raise
+                handle = table.to_pylist() if self.decode else table.column(0).combine_chunks()
         except OSError as e:
             raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
         except Exception as e:
@@ -370,27 +391,156 @@ class Shards(Dataset):
                 closing.close()
         return handle
 
-    def _token_rows(self, column: Any, url: str) -> tuple[np.ndarray, np.ndarray]:
-        """A Parquet shard's token lists as one matrix of their first context + 1 tokens (a shorter
-        record's row padded with -1) and the records' lengths: a batch is then one gather."""
-        import pyarrow.compute as pc
+    # -- the token cache ---------------------------------------------------------------------------
+    #
+    # One file for the dataset (keyed by every shard's index stamp, the field, the window and the
+    # vocabulary), a row per record: its first context + 1 ids plus one, then a state: 0 while the
+    # record is not decoded, 1 where it is no sample (`_refuse_record` says why), 2 where it is. A
+    # shard's rows are written once, by whichever process reads one of its records first, and every
+    # process maps the file: rows are only ever zero or final, so a row that holds a zero (a write still
+    # under way in another process, a page a network file system has not shown yet) is decoded again,
+    # never served.
 
-        width, n = self.context + 1, len(column)
-        matrix = np.full((n, width), -1, dtype=np.int64)
-        if not n:
-            return matrix, np.zeros(0, dtype=np.int64)
+    def _token_cache(self) -> np.ndarray:
+        """The token cache, mapped for reading and writing (created, sparse, if it is not there)."""
+        self._this_process()
+        if self._cache is not None:
+            return self._cache
+        stamps = [
+            f"{url}\0{size}\0{mtime}" for url, (size, mtime) in zip(self.urls, self._stamps, strict=True)
+        ]
+        key = "\0".join([*stamps, self.field, str(self.context + 1), str(self.vocab_size)])
+        path = self.index_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.tokens.npy"
+        if not path.is_file():
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            dtype = np.uint16 if self.vocab_size < 2**16 - 1 else np.uint32
+            np.lib.format.open_memmap(partial, "w+", dtype, (len(self), self.context + 2)).flush()
+            self._allocate(partial)
+            if not path.is_file():  # another process may have made it meanwhile: its rows are kept
+                os.replace(partial, path)
+            partial.unlink(missing_ok=True)
+        self._cache = np.asarray(np.lib.format.open_memmap(path, "r+"))  # (np.memmap's indexing is slow)
+        return self._cache
+
+    def _allocate(self, path: Path) -> None:
+        """The cache's disk blocks taken now: a write through the mapping to a full disk would kill the
+        process (SIGBUS) mid-run, where this refuses in one line before the first batch."""
+        with open(path, "r+b") as f:
+            size = os.fstat(f.fileno()).st_size
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    path.unlink(missing_ok=True)
+                    raise ConfigError(
+                        f"data.index_dir={str(self.index_dir)!r}: no room for the token cache ({size:,} "
+                        "bytes); free some or name another directory"
+                    ) from None
+                # A file system that cannot allocate ahead (EOPNOTSUPP, EINVAL) keeps the file sparse.
+
+    def _cached_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Records `idx`' first context + 1 ids, from the token cache, each shard decoded into it the
+        first time one of its records is asked for; a record that is no sample refused (BadRecord)."""
+        cache, width = self._token_cache(), self.context + 1
+        rows = cache[idx]
+        decoded: set[int] = set()
+        while len(rows) and rows.min() == 0:  # a sample's row holds no zero: its ids + 1 and its state, 2
+            first = int(np.flatnonzero((rows == 0).any(axis=1))[0])
+            s = int(np.searchsorted(self.starts, idx[first], side="right")) - 1
+            if rows[first, width] == 1:
+                self._refuse_record(s, int(idx[first] - self.starts[s]))
+            if s in decoded:
+                raise ConfigError(
+                    f"data.index_dir={str(self.index_dir)!r}: the token cache does not read back what was "
+                    "written to it"
+                )
+            self._decode_into_cache(s)
+            decoded.add(s)
+            rows = cache[idx]
+        ids = rows[:, :width].astype(np.int64)
+        ids -= 1
+        return ids
+
+    def _decode_into_cache(self, s: int) -> None:
+        """Shard s's rows of the token cache, decoded in one pass over the shard, 4,096 records at a time."""
+        now = self._stamp(self.urls[s])
+        if now != self._stamps[s]:  # a shard rewritten under a run would no longer be the run's data
+            change = "is shorter than" if now[0] < self._stamps[s][0] else "has changed since"
+            raise ConfigError(f"data.path: shard {self.urls[s]} {change} when it was indexed")
+        cache, width, n = self._token_cache(), self.context + 1, int(self.starts[s + 1] - self.starts[s])
+        for first in range(0, n, 4096):
+            rows = range(first, min(n, first + 4096))
+            tokens, ok = self._decoded_records(s, rows)
+            ok &= (tokens.min(axis=1, initial=0) >= 0) & (tokens.max(axis=1, initial=0) < self.vocab_size)
+            at = slice(int(self.starts[s]) + first, int(self.starts[s]) + rows.stop)
+            cache[at, :width] = np.where(ok[:, None], tokens + 1, 0)
+            cache[at, width] = np.where(ok, 2, 1)  # after the ids: a row is final once its state is
+
+    def _decoded_records(self, s: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
+        """Records `rows` of shard s: each one's first context + 1 ids (int64) and whether it has them."""
+        width = self.context + 1
+        if self.formats[s] == "parquet":
+            tokens, lengths = self._token_rows(self._shard(s).slice(rows.start, len(rows)), self.urls[s])
+            return tokens, lengths >= width
+        tokens, ok = np.zeros((len(rows), width), dtype=np.int64), np.zeros(len(rows), dtype=bool)
+        found = self._jsonl_windows(s, rows) if self.formats[s] == "jsonl" else self._tar_windows(s, rows)
+        held = [j for j, window in enumerate(found) if window is not None]
+        if not held:
+            return tokens, ok
+        together = np.array([found[j] for j in held])  # one conversion for the chunk, if all are integers
+        if together.dtype.kind in "iu" and together.shape == (len(held), width):
+            tokens[held], ok[held] = together, True
+            return tokens, ok
+        for j in held:
+            ids = np.asarray(found[j])
+            if ids.dtype.kind in "iu" and ids.shape == (width,):
+                tokens[j], ok[j] = ids, True
+        return tokens, ok
+
+    def _jsonl_windows(self, s: int, rows: range) -> list[Any]:
+        """Records `rows` of JSONL shard s (one read): each one's first context + 1 token ids as its field
+        lists them, or None where it lists fewer. orjson parses a line several times faster than the json
+        module; a line it refuses is no sample either way, and `_refuse_record` then says why in the json
+        module's terms."""
+        offsets = self._offsets[s]
+        assert offsets is not None
+        first = int(offsets[rows.start])
+        text = self._read(s, first, int(offsets[rows.stop]) - first)
+        found: list[Any] = []
+        for k in rows:
+            try:
+                record = orjson.loads(text[int(offsets[k]) - first : int(offsets[k + 1]) - first])
+            except orjson.JSONDecodeError:
+                record = None
+            tokens = record.get(self.field) if isinstance(record, dict) else None
+            found.append(self._window(tokens))
+        return found
+
+    def _tar_windows(self, s: int, rows: range) -> list[Any]:
+        """Samples `rows` of tar shard s (one read): each one's first context + 1 ids, or None where it is
+        no sample."""
+        offsets = self._offsets[s]
+        assert offsets is not None
+        first, last = offsets[rows.start], offsets[rows.stop - 1]
+        start = int(first[:, 0].min())
+        self._span = (s, start, self._read(s, start, int((last[:, 0] + last[:, 1]).max()) - start))
+        found: list[Any] = []
         try:
-            column = column.combine_chunks()
-            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
-            flat = pc.list_flatten(pc.list_slice(column, 0, width)).to_numpy(zero_copy_only=False)
-        except Exception:  # pyarrow's ArrowNotImplementedError / ArrowInvalid: not a list of integers
-            raise ConfigError(
-                f"data.field={self.field!r}: shard {url} holds {column.type} there, not lists of token ids"
-            ) from None
-        kept = np.minimum(lengths, width)
-        rows = np.repeat(np.arange(n), kept)
-        matrix[rows, np.arange(len(flat)) - np.repeat(np.cumsum(kept) - kept, kept)] = flat
-        return matrix, lengths
+            for k in rows:
+                try:
+                    found.append(self._window(self._tar_tokens(s, k)))
+                except BadRecord:
+                    found.append(None)
+        finally:
+            self._span = None
+        return found
+
+    def _window(self, tokens: Any) -> Any:
+        """A record's first context + 1 token ids (a list or an array), or None if it holds fewer."""
+        if not isinstance(tokens, (list, np.ndarray)) or len(tokens) < self.context + 1:
+            return None
+        return tokens[: self.context + 1]
 
     def record(self, i: int) -> Any:
         """Record `i` (a global id): a dict for JSONL and tar (`decode_member`); for Parquet the row (with
@@ -400,10 +550,7 @@ class Shards(Dataset):
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         k, handle = i - int(self.starts[s]), self._shard(s)
         if self.formats[s] == "parquet":
-            if self.decode is not None:
-                return handle[k]
-            matrix, lengths = handle
-            return matrix[k, : lengths[k]].tolist()
+            return handle[k] if self.decode is not None else handle[k].as_py()
         if self.formats[s] == "tar":
             return {ext: self._tar_member(s, k, ext) for ext in self._members[s]}
         offsets = self._offsets[s]
@@ -412,10 +559,16 @@ class Shards(Dataset):
         try:
             return json.loads(line)
         except ValueError:
-            raise ConfigError(f"data.path: shard {self.urls[s]} line {k + 1} is not JSON") from None
+            raise BadRecord(f"data.path: shard {self.urls[s]} line {k + 1} is not JSON") from None
 
     def _read(self, s: int, start: int, size: int) -> bytes:
-        """`size` bytes of shard s (JSONL or tar) from `start`."""
+        """`size` bytes of shard s (JSONL or tar) from `start` (from `_span` when it holds them)."""
+        if (
+            self._span is not None
+            and self._span[0] == s
+            and 0 <= start - self._span[1] <= len(self._span[2]) - size
+        ):
+            return self._span[2][start - self._span[1] : start - self._span[1] + size]
         handle = self._shard(s)
         try:
             handle.seek(start)
@@ -435,7 +588,7 @@ class Shards(Dataset):
         try:
             return decode_member(ext, data)
         except ValueError as e:
-            raise ConfigError(
+            raise BadRecord(
                 f"data.path: shard {self.urls[s]} record {k + 1}: its .{ext} member does not decode ({e})"
             ) from None
 
@@ -446,34 +599,54 @@ class Shards(Dataset):
         if self.decode is not None:
             return [self.decode(self.record(i)) for i in indices]
         idx = np.asarray(indices, dtype=np.int64)
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+        if len(idx) and int(idx.view(np.uint64).max()) >= int(self.starts[-1]):  # (negative: past any)
             raise IndexError(f"Shards: index out of range 0..{len(self) - 1}")
-        which = np.searchsorted(self.starts, idx, side="right") - 1
-        width = self.context + 1
-        rows = np.empty((len(idx), width), dtype=np.int64)
-        for s in np.unique(which).tolist():
-            mine = which == s
-            local = idx[mine] - int(self.starts[s])
-            if self.formats[s] == "parquet":
-                matrix, lengths = self._shard(s)
-                if (short := lengths[local] < width).any():
-                    k = int(local[short][0])
-                    self._refuse_short(s, k, int(lengths[k]))
-                rows[mine] = matrix[local]
-            elif self.formats[s] == "tar":
-                rows[mine] = [self._tar_tokens(s, int(k)) for k in local]
-            else:
-                rows[mine] = self._jsonl_rows(s, local)
-            if (bad := int(rows[mine].max())) >= self.vocab_size or int(rows[mine].min()) < 0:
-                bad = bad if bad >= self.vocab_size else int(rows[mine].min())
-                k = int(local[(rows[mine] == bad).any(axis=1)][0])
-                raise ConfigError(
-                    f"data.path: shard {self.urls[s]} record {k + 1} holds token id {bad}, which "
-                    f"data.vocab_size={self.vocab_size} does not cover (ids must be from 0 and below it)"
-                )
+        rows = self._cached_rows(idx)
         tokens = torch.from_numpy(rows)
         inputs, targets = tokens[:, :-1], tokens[:, 1:] if self.sequence else tokens[:, -1]
         return list(zip(inputs, targets, strict=True))
+
+    def _refuse_record(self, s: int, k: int) -> None:
+        """Why record k of shard s, marked in its token cache, is no sample: in one line (BadRecord)."""
+        if self.formats[s] == "tar":
+            self._tar_tokens(s, k)
+        elif self.formats[s] == "parquet":
+            tokens = self._shard(s)[k].as_py()
+            tokens = self._record_tokens(s, k, {self.field: tokens if tokens is not None else []})
+        else:
+            tokens = self._record_tokens(s, k, self.record(int(self.starts[s]) + k))
+        bad = next(int(t) for t in tokens if not 0 <= t < self.vocab_size)
+        raise BadRecord(
+            f"data.path: shard {self.urls[s]} record {k + 1} holds token id {bad}, which "
+            f"data.vocab_size={self.vocab_size} does not cover (ids must be from 0 and below it)"
+        )
+
+    def _token_rows(self, column: Any, url: str) -> tuple[np.ndarray, np.ndarray]:
+        """A Parquet shard's token lists as one matrix of their first context + 1 tokens (a shorter
+        record's row padded with -1) and the records' lengths."""
+        import pyarrow.compute as pc
+
+        width, n = self.context + 1, len(column)
+        if not n:
+            return np.full((0, width), -1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        try:
+            lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
+            flat = pc.list_flatten(pc.list_slice(column, 0, width)).to_numpy(zero_copy_only=False)
+        except Exception:  # pyarrow's ArrowNotImplementedError / ArrowInvalid: not a list of integers
+            raise ConfigError(
+                f"data.field={self.field!r}: shard {url} holds {column.type} there, not lists of token ids"
+            ) from None
+        if flat.dtype.kind not in "iu":
+            raise ConfigError(
+                f"data.field={self.field!r}: shard {url} holds {column.type} there, not lists of token ids"
+            )
+        if len(flat) == n * width:  # every record holds a window: the usual shard, one reshape
+            return flat.reshape(n, width).astype(np.int64, copy=False), lengths
+        matrix = np.full((n, width), -1, dtype=np.int64)
+        kept = np.minimum(lengths, width)
+        rows = np.repeat(np.arange(n), kept)
+        matrix[rows, np.arange(len(flat)) - np.repeat(np.cumsum(kept) - kept, kept)] = flat
+        return matrix, lengths
 
     def _tar_tokens(self, s: int, k: int) -> Any:
         """Sample k of tar shard s: the first context + 1 token ids of its `<field>.npy` member, or else of
@@ -482,7 +655,7 @@ class Shards(Dataset):
             return self._record_tokens(s, k, self._tar_member(s, k, "json"))
         tokens = self._tar_member(s, k, f"{self.field}.npy")
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise ConfigError(
+            raise BadRecord(
                 f"data.path: shard {self.urls[s]} record {k + 1} holds a {tokens.dtype} array of shape "
                 f"{tokens.shape} in .{self.field}.npy, not a list of token ids"
             )
@@ -490,38 +663,35 @@ class Shards(Dataset):
             self._refuse_short(s, k, len(tokens))
         return tokens[: self.context + 1]
 
-    def _jsonl_rows(self, s: int, local: np.ndarray) -> list[list[int]]:
-        """Records `local` of JSONL shard s: the first context + 1 token ids of each. Their lines are
-        parsed as one JSON array (one call, not one a line); a batch that does not parse so is parsed
-        line by line, which names the bad line."""
-        offsets = self._offsets[s]
-        assert offsets is not None
-        lines = [self._read(s, int(offsets[k]), int(offsets[k + 1]) - int(offsets[k])) for k in local]
-        try:
-            records = json.loads(b"[" + b",".join(lines) + b"]")
-        except ValueError:
-            records = None
-        if records is None or len(records) != len(lines):  # (a line `1, 2` would be two records)
-            records = [self.record(int(self.starts[s]) + int(k)) for k in local]
-        return [self._record_tokens(s, int(k), r) for k, r in zip(local, records, strict=True)]
-
     def _record_tokens(self, s: int, k: int, record: Any) -> list[int]:
         """A JSON record's first context + 1 token ids, from its `field`."""
         tokens = record.get(self.field) if isinstance(record, dict) else None
         if not isinstance(tokens, list):
-            raise ConfigError(
+            raise BadRecord(
                 f"data.path: shard {self.urls[s]} record {k + 1} has no list of token ids in field "
                 f"{self.field!r} (data.field)"
             )
         if len(tokens) < self.context + 1:
             self._refuse_short(s, k, len(tokens))
-        return tokens[: self.context + 1]
+        window = tokens[: self.context + 1]
+        if not all(type(t) is int for t in window):
+            odd = next(t for t in window if type(t) is not int)
+            raise BadRecord(
+                f"data.path: shard {self.urls[s]} record {k + 1} holds {odd!r} in field {self.field!r}, "
+                "not a token id (an integer)"
+            )
+        return window
 
     def _refuse_short(self, s: int, k: int, length: int) -> None:
-        raise ConfigError(
+        raise BadRecord(
             f"data.path: shard {self.urls[s]} record {k + 1} holds {length} tokens, fewer than one window "
             f"of data.context + 1 = {self.context + 1}"
         )
+
+
+class BadRecord(ConfigError):
+    """A record that is no sample (not JSON, no token ids, too few, not integers, one past the
+    vocabulary): refused when a batch holds it, as a ConfigError; the token cache marks it instead."""
 
 
 #: Tar members decoded to an int (webdataset's class labels and indices), by their extension's last part.

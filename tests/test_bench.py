@@ -85,8 +85,9 @@ def test_bench_only_data_prints_the_data_table_alone(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert {r["table"] for r in rows} == {"data"}
-    streams = [r for r in rows if "ratio" in r]
-    assert len(streams) == 6 and all(r["samples_per_s"] > 0 and r["repeats"] == 1 for r in streams)
+    streams = [r for r in rows if "ratio" in r]  # 3 formats x 0 and 2 workers x the first and a later epoch
+    assert len(streams) == 12 and all(r["samples_per_s"] > 0 and r["repeats"] == 1 for r in streams)
+    assert sum("first epoch" in r["label"] for r in streams) == 6
     assert "## data: " in proc.stdout and "## loop" not in proc.stdout
 
 
