@@ -26,7 +26,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,8 @@ class Shards(Dataset):
     (a dict: a JSONL line, a Parquet row, a tar sample's decoded members) into any sample instead (then
     `context`, `vocab_size` and `field` are not used). `format` is `jsonl`, `parquet`, `tar` or `auto`
     (by each shard's name). `shuffle_window` shards are shuffled together (see the module); at most
-    `open_shards` shards are kept open (and a Parquet shard's column decoded) per process.
+    `open_shards` shards are kept open per process. Token samples are read from the token cache in
+    `index_dir` (see the module), each shard decoded into it once.
 
     Refused in one line naming the shard (ConfigError): before training, a missing or unreadable shard,
     a glob that matches nothing, a JSONL shard whose last line is cut short, a Parquet file whose footer
@@ -468,21 +469,42 @@ class Shards(Dataset):
         if now != self._stamps[s]:  # a shard rewritten under a run would no longer be the run's data
             change = "is shorter than" if now[0] < self._stamps[s][0] else "has changed since"
             raise ConfigError(f"data.path: shard {self.urls[s]} {change} when it was indexed")
-        cache, width, n = self._token_cache(), self.context + 1, int(self.starts[s + 1] - self.starts[s])
-        for first in range(0, n, 4096):
-            rows = range(first, min(n, first + 4096))
-            tokens, ok = self._decoded_records(s, rows)
+        cache, width, first = self._token_cache(), self.context + 1, int(self.starts[s])
+        for tokens, ok in self._parquet_chunks(s) if self.formats[s] == "parquet" else self._chunks(s):
             ok &= (tokens.min(axis=1, initial=0) >= 0) & (tokens.max(axis=1, initial=0) < self.vocab_size)
-            at = slice(int(self.starts[s]) + first, int(self.starts[s]) + rows.stop)
+            at = slice(first, first + len(ok))
             cache[at, :width] = np.where(ok[:, None], tokens + 1, 0)
             cache[at, width] = np.where(ok, 2, 1)  # after the ids: a row is final once its state is
+            first += len(ok)
+
+    def _parquet_chunks(self, s: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Parquet shard s's records, 4,096 at a time (never the whole column in memory): each one's first
+        context + 1 ids (int64) and whether it has them."""
+        import pyarrow.parquet as pq
+
+        url = self.urls[s]
+        fs, inner = _filesystem(url)
+        try:
+            with fs.open(inner, "rb") as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=[self.field]):
+                    tokens, lengths = self._token_rows(batch.column(0), url)
+                    yield tokens, lengths >= self.context + 1
+        except (ConfigError, GeneratorExit):
+            raise
+        except OSError as e:
+            raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
+        except Exception as e:
+            raise ConfigError(f"data.path: shard {url} is not a readable Parquet file: {e}") from None
+
+    def _chunks(self, s: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """JSONL or tar shard s's records, 4,096 at a time, as `_parquet_chunks` gives them."""
+        n = int(self.starts[s + 1] - self.starts[s])
+        for first in range(0, n, 4096):
+            yield self._decoded_records(s, range(first, min(n, first + 4096)))
 
     def _decoded_records(self, s: int, rows: range) -> tuple[np.ndarray, np.ndarray]:
-        """Records `rows` of shard s: each one's first context + 1 ids (int64) and whether it has them."""
+        """Records `rows` of JSONL or tar shard s: their first context + 1 ids and whether each has them."""
         width = self.context + 1
-        if self.formats[s] == "parquet":
-            tokens, lengths = self._token_rows(self._shard(s).slice(rows.start, len(rows)), self.urls[s])
-            return tokens, lengths >= width
         tokens, ok = np.zeros((len(rows), width), dtype=np.int64), np.zeros(len(rows), dtype=bool)
         found = self._jsonl_windows(s, rows) if self.formats[s] == "jsonl" else self._tar_windows(s, rows)
         held = [j for j, window in enumerate(found) if window is not None]
