@@ -28,6 +28,7 @@ from disttrain.compose import check_job, compose
 from disttrain.config import ConfigError, TrainConfig, load_config
 from disttrain.launch import launch, preflight
 from disttrain.snapshot import SnapshotError
+from disttrain.worker import BuildError
 
 
 @dataclasses.dataclass
@@ -81,9 +82,10 @@ def plan(overrides: Sequence[str], config_dirs: Sequence[Path]) -> list[SweepJob
                 job_overrides = [*job_overrides, f"run_dir={cfg.run_dir}"]
             check_job(cfg)
             preflight(cfg)
-        except (ConfigError, SnapshotError) as e:
+        except (ConfigError, SnapshotError, BuildError) as e:
             label = " ".join(swept) or "(no swept value)"
-            raise ConfigError(f"sweep job {number} ({label}): {e}") from None
+            kind = BuildError if isinstance(e, BuildError) else ConfigError  # exit 1 or 2, as the job's own
+            raise kind(f"sweep job {number} ({label}): {e}") from None
         jobs.append(SweepJob(number, job_overrides, swept, cfg))
     seen: dict[Path, SweepJob] = {}
     for job in jobs:

@@ -146,3 +146,11 @@ def regression_trainer(run_dir: Path, callbacks, **trainer) -> Trainer:
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     return Trainer(model, optimizer, RandomRegression(size=48), cfg, callbacks=callbacks)
+
+
+class BreaksWhenBuilt:
+    """A callback whose constructor fails as user code can (a service it needs is down): not a mistake in
+    the config, so exit 1."""
+
+    def __init__(self) -> None:
+        raise RuntimeError("the metrics server is down")

@@ -81,6 +81,23 @@ def test_a_sweep_with_one_bad_combination_starts_nothing(tmp_path, monkeypatch, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sweep_job_whose_callback_breaks_when_built_is_one_line_naming_the_job(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    broken = "+callbacks.broken._target_=tests.callbacks.BreaksWhenBuilt"
+    assert main(["-m", *JOB, "optim.lr=0.1,0.03", broken]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        r"disttrain: error: sweep job 1 \(optim\.lr=0\.1\): callbacks\.broken\._target_="
+        r"'tests\.callbacks\.BreaksWhenBuilt': building it raised RuntimeError: the metrics server is down "
+        r"\(\S+/tests/callbacks\.py:\d+\)\n",
+        err,
+    ), err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_sweep_whose_jobs_would_share_a_run_dir_starts_nothing(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(tmp_path)
     assert refused(monkeypatch, capsys, "optim.lr=0.1,0.03", "run_dir=runs/one") == (
