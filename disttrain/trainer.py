@@ -451,10 +451,7 @@ class Trainer:
                 self._save_snapshot()
                 stopping = stopping or self._should_stop()  # parameters that are not finite stop the run
             if epoch_done:  # (the snapshot has logged every step's loss: the epoch's loss is whole)
-                seconds = time.perf_counter() - epoch_start
-                samples = epoch_steps * self.global_batch
-                self.reporter.epoch_line(epoch_steps, samples, seconds, self.validator is not None)
-                self.callbacks.fire("on_epoch_end", self.run_view)
+                self._close_epoch(epoch_steps, epoch_start)
             if stopping or epoch_done:
                 return
 
@@ -470,11 +467,14 @@ class Trainer:
         self._should_stop()
         if self.checkpointer.step != c.step:
             self._save_snapshot()
+        self._close_epoch(epoch_steps, epoch_start)
+
+    def _close_epoch(self, epoch_steps: int, epoch_start: float) -> None:
+        """The epoch's line (if it had steps in this life) and on_epoch_end."""
         if epoch_steps:
             seconds = time.perf_counter() - epoch_start
-            self.reporter.epoch_line(
-                epoch_steps, epoch_steps * self.global_batch, seconds, self.validator is not None
-            )
+            samples = epoch_steps * self.global_batch
+            self.reporter.epoch_line(epoch_steps, samples, seconds, self.validator is not None)
         self.callbacks.fire("on_epoch_end", self.run_view)
 
     def _validate(self) -> None:
