@@ -3,6 +3,7 @@
     scripts/gpu_check.sh                 # on a GPU machine: nccl, bf16/fp16, FSDP, compile, memory, MFU
     scripts/gpu_check.sh --cpu           # the same checks on CPU/gloo, tiny sizes (the test runs this)
     scripts/gpu_check.sh --json out.json
+    scripts/gpu_check.sh --cpu --skip torch.compile   # leave out the checks whose names start so
 
 Without a GPU (or with --cpu) each check runs on CPU with gloo where it can, and the ones that only mean
 something on CUDA (peak memory, MFU, scripts/bench.py --device cuda) say `needs CUDA`. Results:
@@ -11,6 +12,7 @@ something on CUDA (peak memory, MFU, scripts/bench.py --device cuda) say `needs 
   needs 2 GPUs   a 2-process check on a 1-GPU machine that NCCL cannot run (it refuses two ranks on
                  one GPU: "Duplicate GPU detected"); the figure says what was tried
   not available  disttrain has no such option (nothing is invented to check)
+  skipped        left out with --skip
   FAILED         the check ran and went wrong: the figure is its error; the script exits 1
 
 Each check runs in a process of its own (`--check NAME`, under torchrun for 2-process ones) with a time
@@ -45,11 +47,12 @@ SIZES = {
 }
 #: GPT-2 small's shape (scripts/bench.py's CUDA GPT) for peak memory and MFU.
 GPT2_SMALL = {"vocab_size": 256, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768, "batch": 8}
-OK, NEEDS_CUDA, NEEDS_2_GPUS, NOT_AVAILABLE, FAILED = (
+OK, NEEDS_CUDA, NEEDS_2_GPUS, NOT_AVAILABLE, SKIPPED, FAILED = (
     "ok",
     "needs CUDA",
     "needs 2 GPUs",
     "not available",
+    "skipped",
     "FAILED",
 )
 
@@ -579,7 +582,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="CPU/gloo mode even on a GPU machine")
     p.add_argument("--budget-s", type=float, default=540.0, help="the whole run's time limit (seconds)")
     p.add_argument("--json", type=Path, default=None, help="write the table and the settings here")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated starts of check names to leave out (their rows say skipped)",
+    )
     args = p.parse_args(argv)
+    skip = [s.strip() for s in args.skip.split(",") if s.strip()]
+    names = [c.name for c in plan_checks(False, 0, Path())]
+    for start in skip:
+        if not any(name.startswith(start) for name in names):
+            print(f"gpu_check: error: --skip={start!r}: starts no check's name ({'; '.join(names)})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     import torch
 
     started = time.perf_counter()
@@ -594,7 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         for check in plan_checks(cuda, gpus, scratch):
             tick = time.perf_counter()
             left = args.budget_s - (tick - started)
-            status, figure = run_check(check, cuda, gpus, scratch, left)
+            if any(check.name.startswith(start) for start in skip):
+                status, figure = SKIPPED, "-"
+            else:
+                status, figure = run_check(check, cuda, gpus, scratch, left)
             seconds = time.perf_counter() - tick
             rows.append({"check": check.name, "result": status, "figure": figure, "seconds": seconds})
             print(f"  {check.name}: {status} ({seconds:.0f} s)", flush=True)

@@ -87,6 +87,9 @@ def pytest_configure(config: pytest.Config) -> None:
         import matplotlib.font_manager  # noqa: F401
 
 
+# tryfirst: xdist reads the marks in its own hook of this name (it appends the group to each node id,
+# which is what loadgroup schedules by), and a conftest's hook runs after a plugin's unless told.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         used = [name for name in SHARED_BY if name in getattr(item, "fixturenames", ())]

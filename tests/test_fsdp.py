@@ -170,17 +170,18 @@ def test_validation_under_fsdp_runs_on_the_ema_weights(fsdp_reference) -> None:
     assert logged[1] != pytest.approx(validation_loss(fsdp_reference, ema=False), rel=1e-3)
 
 
-def test_hsdp_snapshot_killed_mid_epoch_moves_to_1x4_2x2_2_and_1_process_and_exports(
+def test_hsdp_snapshot_killed_mid_epoch_moves_to_1x4_2x2_and_2_processes_and_exports(
     tmp_path, fsdp_reference
 ) -> None:
     # HSDP 2×2 (2 replicas of 2 shards), SIGKILLed mid-epoch; its DCP shards reshard into FSDP over 4
-    # processes (1×4), back into HSDP 2×2, then 2 processes, then one: every step's loss that of the run
-    # never interrupted. The HSDP life's snapshot exports as one full model.
+    # processes (1×4), back into HSDP 2×2, then 2 processes: every step's loss that of the run never
+    # interrupted. The HSDP life's snapshot exports as one full model. (From 2 processes into one:
+    # test_snapshots_move_between_fsdp_and_ddp_or_one_process[fsdp-to-one-process].)
     run_dir = tmp_path / "run"
     hsdp = [*FOUR, "strategy.replicate=2"]
     started = start(*MOVING, *hsdp, "snapshot.every_steps=4", f"run_dir={run_dir}")
     kill_at_step(started, run_dir, 14)
-    lives = [(FOUR, 18), (hsdp, 22), (FSDP, 26), ([], 30)]
+    lives = [(FOUR, 18), (hsdp, 22), (FSDP, 30)]
     for overrides, until in lives:
         res = disttrain(*MOVING, *overrides, "snapshot.every_steps=4", f"trainer.max_steps={until}",
                         f"run_dir={run_dir}")  # fmt: skip
