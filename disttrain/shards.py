@@ -403,7 +403,8 @@ class Shards(Dataset):
     # never served.
 
     def _token_cache(self) -> np.ndarray:
-        """The token cache, mapped for reading and writing (created, sparse, if it is not there)."""
+        """The token cache, mapped for reading and writing (made, its disk space taken, if it is not
+        there)."""
         self._this_process()
         if self._cache is not None:
             return self._cache
@@ -448,9 +449,10 @@ class Shards(Dataset):
         decoded: set[int] = set()
         while len(rows) and rows.min() == 0:  # a sample's row holds no zero: its ids + 1 and its state, 2
             first = int(np.flatnonzero((rows == 0).any(axis=1))[0])
-            s = int(np.searchsorted(self.starts, idx[first], side="right")) - 1
+            gid = int(idx[first]) % len(self)
+            s = int(np.searchsorted(self.starts, gid, side="right")) - 1
             if rows[first, width] == 1:
-                self._refuse_record(s, int(idx[first] - self.starts[s]))
+                self._refuse_record(s, gid - int(self.starts[s]))
             if s in decoded:
                 raise ConfigError(
                     f"data.index_dir={str(self.index_dir)!r}: the token cache does not read back what was "
@@ -621,9 +623,10 @@ class Shards(Dataset):
         if self.decode is not None:
             return [self.decode(self.record(i)) for i in indices]
         idx = np.asarray(indices, dtype=np.int64)
-        if len(idx) and int(idx.view(np.uint64).max()) >= int(self.starts[-1]):  # (negative: past any)
-            raise IndexError(f"Shards: index out of range 0..{len(self) - 1}")
-        rows = self._cached_rows(idx)
+        try:
+            rows = self._cached_rows(idx)  # (a negative id counts from the end, as a list's index does)
+        except IndexError:
+            raise IndexError(f"Shards: index out of range 0..{len(self) - 1}") from None
         tokens = torch.from_numpy(rows)
         inputs, targets = tokens[:, :-1], tokens[:, 1:] if self.sequence else tokens[:, -1]
         return list(zip(inputs, targets, strict=True))

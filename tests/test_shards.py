@@ -182,6 +182,9 @@ def test_token_samples_are_decoded_once_into_a_cache_that_a_half_written_row_nev
     healed = dataset(paths, tmp_path).__getitems__([3, 20])
     assert [(x.tolist(), y.tolist()) for x, y in healed] == [truth[3], truth[20]]
     assert rows[3, :5].tolist() == [t + 1 for t in tokens_of(3)[:5]]
+    assert torch.equal(data[-1][0], data[40][0])  # a negative id counts from the end, as a list's does
+    with pytest.raises(IndexError, match=r"^Shards: index out of range 0\.\.40$"):
+        data[41]
     # Another window, field or vocabulary is another cache: a cache never serves what it was not made for.
     wider = Shards(paths, context=5, vocab_size=VOCAB, index_dir=str(tmp_path / "index"))
     assert wider[3][0].tolist() == tokens_of(3)[:5]
