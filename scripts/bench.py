@@ -21,8 +21,10 @@ Tables:
              streams (JSONL, Parquet and tar shards, `data=shards`) against the same rows held in memory
              (map-style), with 0 and 2 loader workers; each epoch from a cold copy of the dataset, the
              median of --data-repeats interleaved repeats (ratio: the median over repeats of stream /
-             map-style); and the private memory a token file (`data=token_file`) costs while random
-             batches are read, for a small and a large file. `--only data` runs this table alone.
+             map-style); a stream's first epoch (which decodes its shards into the token cache)
+             against a map-style first epoch that reads the JSONL in first; and the private memory a
+             token file (`data=token_file`) costs while random batches are read, for a small and a
+             large file. `--only data` runs this table alone.
 
 Fairness (decisions):
 - The hand-written loop is the plain one for the precision at hand: zero_grad, forward, loss, backward,
@@ -920,8 +922,8 @@ def _loaded_rate(scratch: Path, rows_like: Any, workers: int) -> float:
     import numpy as np
 
     tick = time.perf_counter()
-    with_lines = [json.loads(line)["tokens"] for p in sorted(scratch.glob("*.jsonl")) for line in p.open()]
-    data = _Rows(np.asarray(with_lines), rows_like)
+    tokens = [json.loads(line)["tokens"] for p in sorted(scratch.glob("*.jsonl")) for line in p.open()]
+    data = _Rows(np.asarray(tokens), rows_like)
     reading = time.perf_counter() - tick
     return len(data) / (reading + len(data) / _epoch_rate(data, workers))
 
