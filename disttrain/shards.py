@@ -18,6 +18,7 @@ Trainer's sampler hands rank r `order[r::W]` of it, so reads stay within a windo
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import glob
 import hashlib
@@ -75,6 +76,20 @@ def shard_urls(path: str | list[str] | Any) -> list[str]:
     if not found:
         raise ConfigError("data.path=[]: names no file")
     return found
+
+
+@contextlib.contextmanager
+def _reading_shard(url: str) -> Iterator[None]:
+    """Opening or reading shard `url`: an OSError, or anything else (pyarrow's ArrowInvalid: not Parquet,
+    a cut-off footer), refused in one line naming the shard (ConfigError passes as it is)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except OSError as e:
+        raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
+    except Exception as e:
+        raise ConfigError(f"data.path: shard {url} is not a readable Parquet file: {e}") from None
 
 
 def _joined(protocol: str, pattern: str, match: str) -> str:
@@ -313,14 +328,9 @@ class Shards(Dataset):
         import pyarrow.parquet as pq
 
         fs, inner = _filesystem(url)
-        try:
-            with fs.open(inner, "rb") as f:
-                footer = pq.ParquetFile(f)
-                schema, rows = footer.schema_arrow, footer.metadata.num_rows
-        except OSError as e:
-            raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
-        except Exception as e:  # pyarrow's ArrowInvalid: not Parquet, or a cut-off footer
-            raise ConfigError(f"data.path: shard {url} is not a readable Parquet file: {e}") from None
+        with _reading_shard(url), fs.open(inner, "rb") as f:
+            footer = pq.ParquetFile(f)
+            schema, rows = footer.schema_arrow, footer.metadata.num_rows
         if self.decode is None and self.field not in schema.names:
             raise ConfigError(
                 f"data.field={self.field!r}: shard {url} has no such column "
@@ -372,7 +382,7 @@ class Shards(Dataset):
             return self._open[s]
         url = self.urls[s]
         fs, inner = _filesystem(url)
-        try:
+        with _reading_shard(url):
             if self.formats[s] in ("jsonl", "tar"):
                 handle: Any = fs.open(inner, "rb")
             else:
@@ -381,10 +391,6 @@ class Shards(Dataset):
                 with fs.open(inner, "rb") as f:
                     table = pq.read_table(f, columns=None if self.decode else [self.field])
                 handle = table.to_pylist() if self.decode else table.column(0).combine_chunks()
-        except OSError as e:
-            raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
-        except Exception as e:
-            raise ConfigError(f"data.path: shard {url} is not a readable Parquet file: {e}") from None
         self._open[s] = handle
         if len(self._open) > self.open_shards:
             _, closing = self._open.popitem(last=False)
@@ -486,17 +492,10 @@ class Shards(Dataset):
 
         url = self.urls[s]
         fs, inner = _filesystem(url)
-        try:
-            with fs.open(inner, "rb") as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=[self.field]):
-                    tokens, lengths = self._token_rows(batch.column(0), url)
-                    yield tokens, lengths >= self.context + 1
-        except (ConfigError, GeneratorExit):
-            raise
-        except OSError as e:
-            raise ConfigError(f"data.path: shard {url} cannot be read: {e.strerror or e}") from None
-        except Exception as e:
-            raise ConfigError(f"data.path: shard {url} is not a readable Parquet file: {e}") from None
+        with _reading_shard(url), fs.open(inner, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=[self.field]):
+                tokens, lengths = self._token_rows(batch.column(0), url)
+                yield tokens, lengths >= self.context + 1
 
     def _chunks(self, s: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """JSONL or tar shard s's records, 4,096 at a time, as `_parquet_chunks` gives them."""
