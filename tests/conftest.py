@@ -76,6 +76,7 @@ SHARED_BY: dict[str, str | None] = {
     "finished_run": None,
     "stream_lives": None,
     "venv": None,
+    "import_failures": None,
 }
 
 
