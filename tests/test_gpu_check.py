@@ -74,9 +74,9 @@ def test_gpu_check_cpu_mode_prints_the_table_and_nothing_fails(tmp_path: Path) -
     assert match, scale
     state, build, selective, full = map(float, match.groups())
     assert state <= 0.55 and build < 0.9, scale
-    # Recomputing keeps less than keeping every activation; which of the two keeps least is within the
-    # noise of a toy's resident memory on a loaded machine (0.46 vs 0.67 measured both ways round).
-    assert 0 < full < 1 and 0 < selective < 1, scale
+    # Recomputing every block keeps less than recomputing every other one, which keeps less than none
+    # (--quick's checkpointing job is sized so that its activations, not malloc's noise, are the figure).
+    assert 0 < full < selective < 1, scale
     assert f"{len(rows)} of {len(rows)} checks not failing" in proc.stdout
 
 
