@@ -72,6 +72,7 @@ SHARED_BY: dict[str, str | None] = {
     "tail_reference": None,
     "shard_reference": None,
     "fsdp_reference": None,
+    "five_fsdp_steps": None,
     "two_runs": None,
     "finished_run": None,
     "stream_lives": None,
