@@ -4,13 +4,24 @@ and the checkout clean after the suite (tests/checkout.py)."""
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
 
 import pytest
+import torch
 
+from disttrain.cli import main
 from tests.clusters.netns import TwoHosts, netns_available
 from tests.clusters.slurm import SlurmCluster, slurm_available
-from tests.support import JOB, disttrain, require, summary
+from tests.support import JOB, ROOT, disttrain, require, summary
+
+
+class CliHere(Protocol):
+    def __call__(self, *args: str, cwd: Path = ..., **environ: str) -> subprocess.CompletedProcess[str]: ...
+
 
 pytest_plugins = ["tests.tiers", "tests.checkout", "pytester"]
 
@@ -26,6 +37,28 @@ def ddp_reference(tmp_path_factory: pytest.TempPathFactory) -> str:
     res = disttrain(*JOB, "launcher=torchrun", "launcher.nproc_per_node=2", f"run_dir={run_dir}")
     assert res.returncode == 0, res.stdout + res.stderr
     return summary(run_dir)["params_sha256"]
+
+
+@pytest.fixture
+def cli_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> CliHere:
+    """`disttrain ARGS` run in this process, for what the command line refuses before anything starts:
+    the call's exit code, stdout and stderr, as `tests.support.disttrain` returns a process's. Keyword
+    arguments set environment variables for the call; it runs in the checkout, as that does, unless
+    given `cwd`. A refusal leaves this process as it found it: no process group made, the same threads. (The
+    CLI appends the directory it runs from to sys.path: restored afterwards.)"""
+
+    def run(*args: str, cwd: Path = ROOT, **environ: str) -> subprocess.CompletedProcess[str]:
+        monkeypatch.setattr(sys, "path", list(sys.path))
+        monkeypatch.chdir(cwd)
+        for name, value in environ.items():
+            monkeypatch.setenv(name, value)
+        before = (torch.distributed.is_initialized(), torch.get_num_threads())
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        assert (torch.distributed.is_initialized(), torch.get_num_threads()) == before
+        return subprocess.CompletedProcess(["disttrain", *args], code, out, err)
+
+    return run
 
 
 # ==== real-cluster fixtures (tests/clusters): SLURM and network namespaces ===========================
@@ -75,6 +108,7 @@ SHARED_BY: dict[str, str | None] = {
     "five_fsdp_steps": None,
     "two_runs": None,
     "finished_run": None,
+    "five_steps": None,
     "stream_lives": None,
     "venv": None,
     "import_failures": None,

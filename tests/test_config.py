@@ -171,11 +171,11 @@ SMALL_DATA = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), SMALL_DATA, ids=[o[0] + o[-1] for o, _ in SMALL_DATA])
-def test_a_dataset_too_small_for_one_step_is_one_line_before_anything_starts(overrides, message, tmp_path):
-    # An empty dataset would never end an epoch; the timeout turns a hang into a failure.
-    result = disttrain("experiment=regression", *overrides, f"run_dir={tmp_path / 'run'}", timeout=60)
+def test_a_dataset_too_small_for_one_step_is_one_line_before_anything_starts(
+    overrides, message, tmp_path, cli_here
+):
+    result = cli_here("experiment=regression", *overrides, f"run_dir={tmp_path / 'run'}")
     assert (result.returncode, result.stderr) == (2, f"disttrain: error: {message}\n")
     assert not (tmp_path / "run").exists()
 

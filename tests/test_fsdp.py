@@ -22,8 +22,6 @@ from disttrain.models import CharGPT
 from disttrain.snapshot import list_snapshots
 from tests.support import ROOT, SMALL, disttrain, env, kill_at_step, losses, start, summary, torchrun
 
-pytestmark = pytest.mark.slow  # every test here starts processes
-
 #: A small GPT on the generated corpus (2 blocks: 3 FSDP groups with the root), 2 processes.
 GPT = [
     "experiment=gpt", "data.num_tokens=3000", "data.context=16", "model.n_layer=2", "model.n_embd=32",
@@ -33,6 +31,7 @@ GPT = [
 FSDP = ["launcher=torchrun", "launcher.nproc_per_node=2", "strategy=fsdp"]
 
 
+@pytest.mark.slow
 def test_accumulation_communicates_once_per_step_and_the_norm_is_global(tmp_path) -> None:
     out = tmp_path / "probe.json"
     result = torchrun(ROOT / "tests" / "scripts" / "fsdp_probe.py", str(out))
@@ -77,6 +76,7 @@ Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), data, cfg).fit()
     return row["grad_norm"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_the_same_command_resumes_bit_exactly(tmp_path) -> None:
     # With an EMA of the weights (every rank its shards'), and in the reference the same average by hand.
     ema = [f"+callbacks.ema.{k}={v}" for k, v in {**HAND, "_target_": "disttrain.ema.EMA"}.items()]
@@ -164,6 +164,7 @@ def validation_loss(run_dir: Path, ema: bool) -> float:
         return cross_entropy(model(inputs), targets).item()
 
 
+@pytest.mark.slow
 def test_validation_under_fsdp_runs_on_the_ema_weights(fsdp_reference) -> None:
     """Every rank swapped its shards of the average in (and back: the lives that never validate end on
     the reference's weights, test_snapshots_move_between_fsdp_and_ddp_or_one_process)."""
@@ -173,6 +174,7 @@ def test_validation_under_fsdp_runs_on_the_ema_weights(fsdp_reference) -> None:
     assert logged[1] != pytest.approx(validation_loss(fsdp_reference, ema=False), rel=1e-3)
 
 
+@pytest.mark.slow
 def test_hsdp_snapshot_killed_mid_epoch_moves_to_1x4_2x2_and_2_processes_and_exports(
     tmp_path, fsdp_reference
 ) -> None:
@@ -202,6 +204,7 @@ def test_hsdp_snapshot_killed_mid_epoch_moves_to_1x4_2x2_and_2_processes_and_exp
         assert loss == pytest.approx(want, rel=1e-4, abs=1e-5), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("first", "then"),
     [
@@ -234,6 +237,7 @@ def five_fsdp_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_export_writes_the_full_model_that_a_plain_model_loads(tmp_path, five_fsdp_steps) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(five_fsdp_steps, run_dir)
@@ -279,14 +283,14 @@ BAD = [
         "no-such-block",
     ],
 )
-def test_bad_fsdp_input_is_one_line_and_starts_nothing(tmp_path, overrides, message) -> None:
-    res = disttrain(*GPT, *overrides, f"run_dir={tmp_path / 'run'}")
+def test_bad_fsdp_input_is_one_line_and_starts_nothing(tmp_path, overrides, message, cli_here) -> None:
+    res = cli_here(*GPT, *overrides, f"run_dir={tmp_path / 'run'}")
     assert (res.returncode, res.stderr) == (2, f"disttrain: error: {message}\n")
     assert not (tmp_path / "run").exists()
 
 
-def test_checkpointing_a_model_without_blocks_is_one_line_and_starts_nothing(tmp_path) -> None:
-    res = disttrain("strategy.activation_checkpointing=full", f"run_dir={tmp_path / 'run'}")  # the MLP
+def test_checkpointing_a_model_without_blocks_is_one_line_and_starts_nothing(tmp_path, cli_here) -> None:
+    res = cli_here("strategy.activation_checkpointing=full", f"run_dir={tmp_path / 'run'}")  # the MLP
     assert (res.returncode, res.stderr) == (
         2,
         "disttrain: error: strategy.activation_checkpointing='full': finds no blocks in MLPLanguageModel (no "
@@ -296,6 +300,7 @@ def test_checkpointing_a_model_without_blocks_is_one_line_and_starts_nothing(tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_sharded_snapshot_into_another_shape_is_one_line(tmp_path, five_fsdp_steps) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(five_fsdp_steps, run_dir)
@@ -326,6 +331,7 @@ except SnapshotError as e:
     assert re.search(line, res.stdout), res.stdout + res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_compile_trains_and_says_when_it_captures_nothing(tmp_path) -> None:
     job = [*GPT, "trainer.max_steps=8", "trainer.compile=true"]
     compiled = disttrain(*job, f"run_dir={tmp_path / 'compiled'}", timeout=600)
@@ -337,6 +343,7 @@ def test_compile_trains_and_says_when_it_captures_nothing(tmp_path) -> None:
     assert eager.returncode == 0
 
 
+@pytest.mark.slow
 def test_compile_that_captures_nothing_is_said_in_one_line(tmp_path) -> None:
     job = [
         "--config-dir",
@@ -355,8 +362,8 @@ def test_compile_that_captures_nothing_is_said_in_one_line(tmp_path) -> None:
     )
 
 
-def test_compile_without_a_compiler_is_refused_before_anything_starts(tmp_path) -> None:
-    res = disttrain(*GPT, "trainer.compile=true", f"run_dir={tmp_path / 'run'}", CXX="no-such-compiler")
+def test_compile_without_a_compiler_is_refused_before_anything_starts(tmp_path, cli_here) -> None:
+    res = cli_here(*GPT, "trainer.compile=true", f"run_dir={tmp_path / 'run'}", CXX="no-such-compiler")
     assert (res.returncode, res.stderr) == (
         2,
         "disttrain: error: trainer.compile=True: torch.compile needs a C++ compiler and 'no-such-compiler' "
@@ -365,6 +372,7 @@ def test_compile_without_a_compiler_is_refused_before_anything_starts(tmp_path) 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_buffers_are_rank_0s_as_under_ddp(tmp_path) -> None:
     # BatchNorm's running statistics: FSDP leaves buffers to each rank, and DCP keeps one rank's copy of
     # a plain tensor. disttrain broadcasts rank 0's before each synchronised forward and each snapshot,

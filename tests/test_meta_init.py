@@ -105,7 +105,6 @@ def test_sharded_model_starts_from_the_weights_of_one_process(
         torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("model", "rule"),
     [
@@ -124,8 +123,10 @@ def test_sharded_model_starts_from_the_weights_of_one_process(
     ],
     ids=["fails-on-meta", "plain-tensor"],
 )
-def test_a_model_that_cannot_be_built_on_meta_is_one_line_and_starts_nothing(tmp_path, model, rule) -> None:
-    res = run_disttrain(*GPT, *model, *FSDP, f"run_dir={tmp_path / 'run'}")
+def test_a_model_that_cannot_be_built_on_meta_is_one_line_and_starts_nothing(
+    tmp_path, model, rule, cli_here
+) -> None:
+    res = cli_here(*GPT, *model, *FSDP, f"run_dir={tmp_path / 'run'}")
     assert res.returncode == 2
     assert res.stderr.startswith(f"disttrain: error: {rule}") and res.stderr.count("\n") == 1, res.stderr
     assert not (tmp_path / "run").exists()

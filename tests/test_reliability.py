@@ -28,7 +28,6 @@ from tests.reliability_targets import FlatTargets
 from tests.support import JOB as DDP_JOB
 from tests.support import (
     NUMBERS,
-    ROOT,
     SMALL,
     disttrain,
     gone,
@@ -76,7 +75,6 @@ def test_a_number_above_its_range_is_refused_naming_the_bound(key, field) -> Non
     assert str(e.value) == f"{key}={value!r}: {range_.rule(value)}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "line"),
     [
@@ -102,9 +100,9 @@ def test_a_number_above_its_range_is_refused_naming_the_bound(key, field) -> Non
     ids=["timeout", "threads", "corpus", "gpt-corpus"],
 )
 def test_a_value_the_machine_or_the_data_cannot_take_is_one_line_and_touches_nothing(
-    tmp_path, overrides, line
+    tmp_path, overrides, line, cli_here
 ) -> None:
-    result = disttrain(*overrides, f"run_dir={tmp_path / 'run'}")
+    result = cli_here(*overrides, f"run_dir={tmp_path / 'run'}")
     assert (result.returncode, one_line_error(result)) == (2, f"disttrain: error: {line}")
     assert not (tmp_path / "run").exists()
 
@@ -118,9 +116,8 @@ def test_more_cpu_workers_than_the_cores_take_are_refused() -> None:
     )
 
 
-@pytest.mark.slow
-def test_an_empty_run_dir_is_refused_and_the_current_directory_stays_empty(tmp_path) -> None:
-    result = disttrain("run_dir=", cwd=tmp_path, PYTHONPATH=str(ROOT))
+def test_an_empty_run_dir_is_refused_and_the_current_directory_stays_empty(tmp_path, cli_here) -> None:
+    result = cli_here("run_dir=", cwd=tmp_path)
     line = "disttrain: error: run_dir='': must name a directory (empty would write the run into this one)"
     assert (result.returncode, one_line_error(result)) == (2, line)
     assert list(tmp_path.iterdir()) == []

@@ -208,11 +208,19 @@ def test_a_bad_newest_snapshot_is_reported_in_one_line_and_the_older_one_is_used
     assert not (tmp_path / "MARKER").exists()
 
 
+@pytest.fixture(scope="module")
+def five_steps(tmp_path_factory) -> Path:
+    """SMALL's first 5 steps, their snapshot: what the tests of a damaged run dir copy, then damage."""
+    run_dir = tmp_path_factory.mktemp("five-steps") / "run"
+    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    return run_dir
+
+
 @pytest.mark.slow
-def test_a_snapshot_carrying_a_pickled_callable_is_refused_and_runs_nothing(tmp_path) -> None:
+def test_a_snapshot_carrying_a_pickled_callable_is_refused_and_runs_nothing(tmp_path, five_steps) -> None:
     """Through the CLI, with a manifest whose checksums match: the file a stranger could hand a user."""
     run_dir, marker = tmp_path / "run", tmp_path / "MARKER"
-    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    shutil.copytree(five_steps, run_dir)
     newest = run_dir / "snapshots" / "step_00000005"
     torch.save({"model": RunsCode(marker)}, newest / "shared.pt")
     resign(newest)
@@ -471,9 +479,9 @@ def test_a_full_disk_outside_a_snapshot_write_is_one_line_and_cuts_nothing(tmp_p
 
 
 @pytest.mark.slow
-def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything_starts(tmp_path) -> None:
+def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything_starts(tmp_path, five_steps) -> None:
     run_dir = tmp_path / "run"
-    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    shutil.copytree(five_steps, run_dir)
     before = tree_hashes(run_dir)
     made = subprocess.run(["mount", "--bind", "-o", "ro", str(run_dir), str(run_dir)], capture_output=True)
     require(None if made.returncode == 0 else f"cannot bind-mount read-only: {made.stderr.decode().strip()}")
@@ -491,10 +499,12 @@ def test_a_run_dir_on_a_read_only_mount_is_refused_before_anything_starts(tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dangling-symlink", "a-file"])
-def test_snapshots_that_are_no_directory_are_refused_and_metrics_stay_whole(tmp_path, kind) -> None:
+def test_snapshots_that_are_no_directory_are_refused_and_metrics_stay_whole(
+    tmp_path, kind, five_steps
+) -> None:
     """Read as "no snapshot", they would restart the run from step 0 and cut metrics.jsonl to nothing."""
     run_dir = tmp_path / "run"
-    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    shutil.copytree(five_steps, run_dir)
     shutil.move(run_dir / "snapshots", tmp_path / "elsewhere")  # e.g. a filesystem not mounted
     if kind == "dangling-symlink":
         (run_dir / "snapshots").symlink_to(tmp_path / "unmounted" / "snapshots")
@@ -513,9 +523,9 @@ def test_snapshots_that_are_no_directory_are_refused_and_metrics_stay_whole(tmp_
 
 
 @pytest.mark.slow
-def test_a_metrics_log_that_is_not_utf8_is_refused_on_resume_and_kept_as_it_is(tmp_path) -> None:
+def test_a_metrics_log_that_is_not_utf8_is_refused_on_resume_and_kept_as_it_is(tmp_path, five_steps) -> None:
     run_dir = tmp_path / "run"
-    assert disttrain(*SMALL, "trainer.max_steps=5", f"run_dir={run_dir}").returncode == 0
+    shutil.copytree(five_steps, run_dir)
     metrics = run_dir / "metrics.jsonl"
     data = metrics.read_bytes()
     at = data.index(b"\n") + 10  # inside the second line: damage no kill leaves
