@@ -1,5 +1,6 @@
 """Callbacks (disttrain.callbacks): the events and their order, a stop any rank may ask for, a callback's
-state in the snapshot, and the one line for a callback that is wrong."""
+state in the snapshot, and the one line for a callback that is wrong. (A callback's state across a
+SIGKILL on 2 processes and a resume on one: test_loggers' kill test, which carries StepCounter.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from disttrain.cli import main
 from disttrain.config import ConfigError
 from disttrain.snapshot import list_snapshots
 from tests.callbacks import Raises, Recorder, StepCounter, StopAt, Typo, regression_trainer
-from tests.support import SMALL, disttrain, kill_at_step, start, summary
+from tests.support import SMALL, disttrain, summary
 
 
 def events(out: Path, rank: int = 0) -> list[str]:
@@ -155,19 +156,3 @@ def test_a_stop_asked_on_rank_1_ends_both_ranks_at_one_step_with_the_same_events
     assert list_snapshots(run_dir / "snapshots")[0].step == done["steps"]
     assert events(out, 0) == events(out, 1)  # every event on both ranks, in one order
     assert events(out, 0)[-1] == f"fit_end stopped by callback stop {done['steps']} 0"
-
-
-@pytest.mark.slow
-def test_a_callbacks_state_survives_a_sigkill_and_a_resume_from_two_processes_to_one(tmp_path) -> None:
-    run_dir, out = tmp_path / "run", tmp_path / "count"
-    job = [
-        *SMALL, "trainer.global_batch_size=32", "snapshot.every_steps=10", f"run_dir={run_dir}",
-        "+callbacks.count._target_=tests.callbacks.StepCounter", f"+callbacks.count.out={out}",
-    ]  # fmt: skip
-    kill_at_step(start(*job, "launcher=torchrun", "launcher.nproc_per_node=2"), run_dir, 25)
-    again = disttrain(*job)
-    assert again.returncode == 0, again.stderr[-3000:]
-    # (the newest snapshot the kill left: read from the resume's line, as a commit may finish at the kill)
-    assert re.search(r"\(epoch 0, step \d+, 2 -> 1 processes\)", again.stderr), again.stderr[-3000:]
-    # The count the snapshot held, and one for each step after it: every step once.
-    assert out.read_text() == str(summary(run_dir)["steps"])

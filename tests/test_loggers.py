@@ -1,5 +1,5 @@
 """The loggers (TensorBoard, CSV, MLflow; wandb is in test_observability): read back with each tool's own
-reader after a SIGKILL and a resume on 2 processes, and in one process after a resume from an older
+reader after a SIGKILL on 2 processes and a resume on one, and in one process after a resume from an older
 snapshot than the loggers had reached; CSV columns, tracking URIs, and the config's one-line errors."""
 
 from __future__ import annotations
@@ -92,26 +92,32 @@ def check_every_step_once(run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_three_loggers_hold_every_step_once_after_a_sigkill_on_two_processes(tmp_path) -> None:
+def test_loggers_and_a_callbacks_state_hold_every_step_once_after_a_sigkill_on_2_processes_resumed_on_1(
+    tmp_path,
+) -> None:
     """wandb's kill and resume is test_observability's (one process): the base class that keeps every
-    logger on rank 0 (disttrain.loggers.Logger) is wandb's too, and TensorBoard's files show it here."""
-    run_dir = tmp_path / "run"
+    logger on rank 0 (disttrain.loggers.Logger) is wandb's too, and TensorBoard's files show it here. A
+    user's callback rides along: its state (a step count) comes back from the snapshot on one process."""
+    run_dir, count = tmp_path / "run", tmp_path / "count"
     job = [
-        *SMALL, "trainer.max_steps=120", "snapshot.every_steps=20", "trainer.val_every_steps=25",
-        "launcher=torchrun", "launcher.nproc_per_node=2", "logger=[tensorboard,csv,mlflow]",
-        f"run_dir={run_dir}",
+        *SMALL, "trainer.global_batch_size=32", "trainer.max_steps=120", "snapshot.every_steps=20",
+        "trainer.val_every_steps=25", "logger=[tensorboard,csv,mlflow]", f"run_dir={run_dir}",
+        "+callbacks.count._target_=tests.callbacks.StepCounter", f"+callbacks.count.out={count}",
     ]  # fmt: skip
-    kill_at_step(start(*job), run_dir, 50)
+    kill_at_step(start(*job, "launcher=torchrun", "launcher.nproc_per_node=2"), run_dir, 50)
     first_files = sorted((run_dir / "tensorboard").iterdir())
     again = disttrain(*job)
     assert again.returncode == 0, again.stderr[-3000:]
-    resumed = int(re.search(r"resumed from .*step (\d+)\)", again.stderr).group(1))
-    assert 20 <= resumed < 120
+    # (the newest snapshot the kill left: read from the resume's line, as a commit may finish at the kill)
+    resumed = re.search(r"resumed from .*\(epoch 0, step (\d+), 2 -> 1 processes\)", again.stderr)
+    assert resumed and 20 <= int(resumed.group(1)) < 120, again.stderr[-3000:]
     check_every_step_once(run_dir)
     # Only rank 0 wrote: one events file for each attempt, each from one process.
     files = sorted((run_dir / "tensorboard").iterdir())
     assert len(first_files) == 1 and len(files) == 2, files
     assert len({f.name.split(".")[-2] for f in files}) == 2  # events.out.tfevents.TIME.HOST.PID.N
+    # The count the snapshot held, and one for each step after it: every step once.
+    assert count.read_text() == str(summary(run_dir)["steps"]) == "120"
 
 
 def test_a_resume_from_an_older_snapshot_than_the_loggers_reached_logs_every_step_once(tmp_path) -> None:
