@@ -149,29 +149,21 @@ def assert_tail_like(tail_reference, run_dir: Path, lives: list[tuple[Path, int]
         torch.testing.assert_close(final_weights(run_dir)[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_an_epoch_that_does_not_divide_trains_the_same_steps_on_any_number_of_processes(
+def test_an_epochs_short_step_trains_alike_on_4_processes_and_after_a_resume_on_3(
     tail_reference, tmp_path
 ) -> None:
-    # On 4 processes the short step's 9 samples fall 3, 2, 2, 2 (in 2, 1, 1, 1 micro-batches: fillers);
-    # 3 processes take that step in the resume below.
-    run_dir = tmp_path / "run"
-    result = disttrain(*TAIL_JOB, *on(4), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "log"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_tail_like(tail_reference, run_dir, [(tmp_path / "log", 1)])
-
-
-def test_a_job_stopped_before_an_epochs_short_step_takes_it_on_another_number_of_processes(
-    tail_reference, tmp_path
-) -> None:
+    # On 4 processes the first epoch's short step (step 9) of 9 samples falls 3, 2, 2, 2 (in 2, 1, 1, 1
+    # micro-batches: fillers); the job stops mid-way through the second epoch, and 3 processes take its
+    # short step (step 18) in the resume.
     run_dir = tmp_path / "run"
     first = disttrain(
-        *TAIL_JOB, *on(4), "trainer.max_steps=8", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "1")
+        *TAIL_JOB, *on(4), "trainer.max_steps=12", f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "1")
     )
     assert first.returncode == 0, first.stderr[-3000:]
     again = disttrain(*TAIL_JOB, *on(3), f"run_dir={run_dir}", ORDER_LOG=str(tmp_path / "2"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "(epoch 0, step 8, 4 -> 3 processes)" in again.stderr
-    assert_tail_like(tail_reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", 9)])
+    assert "(epoch 1, step 12, 4 -> 3 processes)" in again.stderr
+    assert_tail_like(tail_reference, run_dir, [(tmp_path / "1", 1), (tmp_path / "2", 13)])
 
 
 def test_drop_last_leaves_out_the_short_step(tail_reference, tmp_path) -> None:
