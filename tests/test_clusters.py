@@ -63,7 +63,9 @@ def test_slurm_requeue_round_trip(slurm_cluster: SlurmCluster, tmp_path: Path) -
     done = tmp_path / "done"
     log = tmp_path / "job.log"
     script = tmp_path / "job.sh"
-    # The first attempt requeues itself and would sleep for a minute: the requeue must end it.
+    # The first attempt requeues itself and would sleep for a minute: the requeue must end it. (SLURM
+    # signals the step's processes one after another: bash may see its sleep killed and run a line more
+    # before its own signal comes, so the line that says so is reached only by a sleep run to its end.)
     script.write_text(
         textwrap.dedent(f"""\
             #!/bin/bash
@@ -71,7 +73,7 @@ def test_slurm_requeue_round_trip(slurm_cluster: SlurmCluster, tmp_path: Path) -
             echo "attempt restart=${{SLURM_RESTART_COUNT:-unset}}"
             if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then
                 scontrol requeue "$SLURM_JOB_ID"
-                sleep 60
+                sleep 60 || exit 143
                 echo "not ended by the requeue"
                 exit 3
             fi
