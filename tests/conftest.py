@@ -20,6 +20,8 @@ from tests.support import JOB, ROOT, disttrain, require, summary
 
 
 class CliHere(Protocol):
+    """What the cli_here fixture returns."""
+
     def __call__(self, *args: str, cwd: Path = ..., **environ: str) -> subprocess.CompletedProcess[str]: ...
 
 
@@ -44,8 +46,8 @@ def cli_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     """`disttrain ARGS` run in this process, for what the command line refuses before anything starts:
     the call's exit code, stdout and stderr, as `tests.support.disttrain` returns a process's. Keyword
     arguments set environment variables for the call; it runs in the checkout, as that does, unless
-    given `cwd`. A refusal leaves this process as it found it: no process group made, the same threads. (The
-    CLI appends the directory it runs from to sys.path: restored afterwards.)"""
+    given `cwd`. A refusal leaves this process as it found it: no process group made, the same
+    threads. (The CLI appends the directory it runs from to sys.path: restored afterwards.)"""
 
     def run(*args: str, cwd: Path = ROOT, **environ: str) -> subprocess.CompletedProcess[str]:
         monkeypatch.setattr(sys, "path", list(sys.path))
